@@ -1,0 +1,58 @@
+"""The ordered pipeline: normalise spellings, apply each enabled pattern, restore topological order
+(moving as few nodes as possible, so side-effecting nodes keep their place), verify.
+
+``CohereFxPasses`` is an inductor ``CustomGraphPass``: its ``uuid()`` hashes the source of every pass and
+pattern plus the enabled names, so it can be installed in an inductor hook without switching inductor's FX
+graph cache off. The backend runs it on the Dynamo graph before autograd, so one pattern serves inference and
+training graphs alike.
+"""
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.pattern_matcher import stable_topological_sort
+
+from cohere_fx.passes.graph_text import graph_text
+from cohere_fx.passes.normalize import normalize_graph
+from cohere_fx.passes.pattern_pass import apply_pattern
+from cohere_fx.passes.report import GraphReport
+from cohere_fx.patterns import PATTERNS
+
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def _node_count(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
+
+
+class CohereFxPasses(CustomGraphPass):
+    def __init__(self, enabled=None):
+        names = list(PATTERNS) if enabled is None else list(enabled)
+        unknown = sorted(set(names) - set(PATTERNS))
+        if unknown:
+            raise ValueError(f"unknown pattern(s) {unknown}; registered: {list(PATTERNS)}")
+        self.enabled = [n for n in PATTERNS if n in names]  # registry order, whatever order was asked
+
+    def run(self, gm: torch.fx.GraphModule) -> GraphReport:
+        before, nodes_before = graph_text(gm), _node_count(gm)
+        normalize_graph(gm.graph)
+        counts, near_misses = {}, {}
+        for name in self.enabled:
+            result = apply_pattern(PATTERNS[name], gm.graph)
+            counts[name], near_misses[name] = result.count, result.near_misses
+        if any(counts.values()):
+            stable_topological_sort(gm.graph)
+            gm.graph.lint()
+            gm.recompile()
+        return GraphReport(before, graph_text(gm), counts, near_misses, nodes_before, _node_count(gm))
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.run(graph.owning_module)
+
+    def uuid(self) -> bytes:
+        hasher = hashlib.sha256(",".join(self.enabled).encode())
+        for path in sorted((_PACKAGE / "passes").glob("*.py")) + sorted((_PACKAGE / "patterns").glob("*.py")):
+            hasher.update(path.read_bytes())
+        return hasher.digest()

@@ -1,0 +1,55 @@
+"""Applies one registered pattern to a graph: find, check, replace, drop what the replacement made dead."""
+from dataclasses import dataclass, field
+
+import torch.fx
+
+from cohere_fx.patterns.base import Match, Pattern, fake_value
+
+
+@dataclass
+class PatternResult:
+    """What one pattern did to one graph: replacements made, and matches left alone with the reason."""
+
+    name: str
+    count: int = 0
+    near_misses: list[str] = field(default_factory=list)
+
+
+def _describe(match: Match) -> str:
+    return ", ".join(n.name for n in match.outputs)
+
+
+def _replace(match: Match) -> None:
+    graph = match.graph
+    last = max(match.nodes, key=_position(graph))
+    with graph.inserting_after(last):
+        new = match.pattern.replace(match)
+    new_nodes = new if isinstance(new, tuple) else (new,)
+    if len(new_nodes) != len(match.outputs):
+        raise RuntimeError(f"pattern {match.pattern.name}: replacement gave {len(new_nodes)} outputs, "
+                           f"the match has {len(match.outputs)}")
+    for old, replacement in zip(match.outputs, new_nodes):
+        if fake_value(old) is not None:
+            replacement.meta.setdefault("example_value", fake_value(old))
+        replacement.meta.setdefault("stack_trace", old.meta.get("stack_trace"))
+        old.replace_all_uses_with(replacement)
+    for node in sorted(match.nodes, key=_position(graph), reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _position(graph: torch.fx.Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def apply_pattern(pattern: Pattern, graph: torch.fx.Graph) -> PatternResult:
+    result = PatternResult(pattern.name)
+    for match in pattern.find(graph):
+        reason = pattern.check(match)
+        if reason is not None:
+            result.near_misses.append(f"{_describe(match)}: {reason}")
+            continue
+        _replace(match)
+        result.count += 1
+    return result

@@ -1,0 +1,97 @@
+"""What a fusion is: a search function written like the HF source, the checks that guard it, a replacement.
+
+The search function is traced with ``torch.fx.symbolic_trace`` and normalised like the model graph, so it is
+spelled the way Dynamo records the HF code (tensor methods as ``call_method``, arithmetic as ``operator.*``).
+Every argument of the search function is a pattern input: tensors bind to graph nodes, and arguments named in
+``literals`` (an epsilon, a dtype) bind to the constant the model graph holds there, so the value is read from
+the graph and never assumed. Every other constant in the search function must match exactly.
+"""
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx
+from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
+
+from cohere_fx.passes.normalize import normalize_graph
+
+
+def fake_value(node: Any):
+    """The fake tensor (or other value) Dynamo recorded for a node, or None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+@dataclass
+class Match:
+    """One occurrence of a pattern in a graph: inputs by the search function's argument names, and outputs."""
+
+    pattern: "Pattern"
+    graph: torch.fx.Graph
+    bindings: dict[str, Any]
+    outputs: list[torch.fx.Node]
+    nodes: list[torch.fx.Node]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.bindings[name]
+
+    def call(self, op, *args) -> torch.fx.Node:
+        """A node calling ``op`` at the insert point, named after the pattern (what printed graphs show)."""
+        return self.graph.create_node("call_function", op, args, name=self.pattern.name)
+
+    def val(self, name: str):
+        """Fake tensor of a bound input (shape, dtype, device as Dynamo traced them)."""
+        return fake_value(self.bindings[name])
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A named fusion: ``search`` (the math as HF writes it), ``check`` and ``replace``.
+
+    ``check(match)`` returns None when the replacement is exact for this match, else the reason it is not (the
+    report lists these as near misses). ``replace(match)`` is called with the graph's insert point set and
+    returns the node (or tuple of nodes) that takes the place of the search function's output(s).
+    """
+
+    name: str
+    search: Callable
+    replace: Callable[[Match], Any]
+    check: Callable[[Match], Optional[str]]
+    literals: tuple[str, ...] = field(default=())
+
+    @cached_property
+    def graph(self) -> torch.fx.Graph:
+        graph = torch.fx.symbolic_trace(self.search).graph
+        normalize_graph(graph)
+        graph.eliminate_dead_code()
+        return graph
+
+    @cached_property
+    def arg_names(self) -> list[str]:
+        return [n.target for n in self.graph.nodes if n.op == "placeholder"]
+
+    def find(self, graph: torch.fx.Graph) -> list[Match]:
+        """Every non-overlapping occurrence whose tensor inputs are graph nodes and literals are constants."""
+        matcher = SubgraphMatcher(self.graph, match_output=False, match_placeholder=False,
+                                  remove_overlapping_matches=True, ignore_literals=False)
+        found = []
+        for internal in matcher.match(graph):
+            match = self._to_match(graph, internal)
+            if match is not None:
+                found.append(match)
+        return found
+
+    def _to_match(self, graph: torch.fx.Graph, internal: InternalMatch) -> Optional[Match]:
+        by_name = {pn.target: internal.nodes_map[pn] for pn in self.pattern_placeholders(internal)}
+        for name, bound in by_name.items():
+            if (name in self.literals) == isinstance(bound, torch.fx.Node):
+                return None  # a tensor input bound to a constant, or a literal bound to a computed value
+        inputs = set(internal.placeholder_nodes)
+        nodes = [gn for pn, gn in internal.nodes_map.items()
+                 if pn.op not in ("placeholder", "output") and isinstance(gn, torch.fx.Node) and gn not in inputs]
+        return Match(self, graph, by_name, list(internal.returning_nodes), nodes)
+
+    def pattern_placeholders(self, internal: InternalMatch) -> list[torch.fx.Node]:
+        return [pn for pn in self.graph.nodes if pn.op == "placeholder" and pn in internal.nodes_map]
