@@ -37,7 +37,7 @@ class CohereFxPasses(CustomGraphPass):
 
     def run(self, gm: torch.fx.GraphModule) -> GraphReport:
         before, nodes_before = graph_text(gm), _node_count(gm)
-        normalize_graph(gm.graph)
+        restore_spellings = normalize_graph(gm.graph)
         counts, near_misses = {}, {}
         for name in self.enabled:
             result = apply_pattern(PATTERNS[name], gm.graph)
@@ -46,6 +46,8 @@ class CohereFxPasses(CustomGraphPass):
             stable_topological_sort(gm.graph)
             gm.graph.lint()
             gm.recompile()
+        else:
+            restore_spellings()
         return GraphReport(before, graph_text(gm), counts, near_misses, nodes_before, _node_count(gm))
 
     def __call__(self, graph: torch.fx.Graph) -> None:

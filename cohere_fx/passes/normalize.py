@@ -5,6 +5,8 @@ Dynamo records tensor methods as they were called: ``x.float()``, ``x.to(torch.f
 ``normalize_graph`` before matching, so a pattern is written once, like the HF source, and still matches.
 Only rewrites that are exact (same tensor, same dtype) are done here.
 """
+from typing import Callable
+
 import torch
 import torch.fx
 
@@ -16,18 +18,24 @@ def _is_plain_dtype_cast(node: torch.fx.Node) -> bool:
     return node.op == "call_method" and node.target == "to" and len(node.args) == 1 and set(node.kwargs) == {"dtype"}
 
 
-def normalize_graph(graph: torch.fx.Graph) -> int:
-    """Rewrite casts to the one spelling ``x.to(dtype)``; returns how many nodes changed."""
-    changed = 0
+def normalize_graph(graph: torch.fx.Graph) -> Callable[[], None]:
+    """Rewrite casts to the one spelling ``x.to(dtype)``; returns a function that restores the old spellings
+    (the pipeline leaves a graph in which nothing matched exactly as it came)."""
+    originals = []
     for node in graph.nodes:
         if node.op != "call_method":
             continue
         if node.target in _CAST_METHODS and len(node.args) == 1 and not node.kwargs:
+            originals.append((node, node.target, node.args, node.kwargs))
             node.args = (node.args[0], _CAST_METHODS[node.target])
             node.target = "to"
-            changed += 1
         elif _is_plain_dtype_cast(node):
+            originals.append((node, node.target, node.args, node.kwargs))
             node.args = (node.args[0], node.kwargs["dtype"])
             node.kwargs = {}
-            changed += 1
-    return changed
+
+    def restore():
+        for node, target, args, kwargs in originals:
+            node.target, node.args, node.kwargs = target, args, kwargs
+
+    return restore
