@@ -30,27 +30,36 @@ def _rewritten(model, seq_len):
 class TestGoldenGraphs(expecttest.TestCase):
     def test_cohere_one_layer(self):
         self.assertExpectedInline(_rewritten(CohereForCausalLM(tiny_cohere_config(layers=1)), 8), """\
-pattern     matches
-----------  -------
-layer_norm        2
-  not matched (layer_norm): query_states_1: weight shape (4, 16) is not [hidden] (per-head norms belong to qk_norm_rope)
-  not matched (layer_norm): key_states_1: weight shape (2, 16) is not [hidden] (per-head norms belong to qk_norm_rope)
-graph 0: 136 nodes -> 114 nodes
-graph(args_0: i64[2, 8], model.embed_tokens.weight: f32[128, 64], model.rotary_emb.inv_freq: f32[8], model.layers.0.input_layernorm.weight: f32[64], model.layers.0.self_attn.q_proj.weight: f32[64, 64], model.layers.0.self_attn.k_proj.weight: f32[32, 64], model.layers.0.self_attn.v_proj.weight: f32[32, 64], model.layers.0.self_attn.q_norm.weight: f32[4, 16], model.layers.0.self_attn.k_norm.weight: f32[2, 16], model.layers.0.self_attn.o_proj.weight: f32[64, 64], model.layers.0.mlp.gate_proj.weight: f32[256, 64], model.layers.0.mlp.up_proj.weight: f32[256, 64], model.layers.0.mlp.down_proj.weight: f32[64, 256], model.norm.weight: f32[64]):
+pattern            matches
+-----------------  -------
+qk_norm_rope             1
+rope                     0
+causal_attention         1
+sliding_attention        0
+layer_norm               2
+graph 0: 136 nodes -> 55 nodes
+graph(
+        args_0: i64[2, 8],
+        model.embed_tokens.weight: f32[128, 64],
+        model.rotary_emb.inv_freq: f32[8],
+        model.layers.0.input_layernorm.weight: f32[64],
+        model.layers.0.self_attn.q_proj.weight: f32[64, 64],
+        model.layers.0.self_attn.k_proj.weight: f32[32, 64],
+        model.layers.0.self_attn.v_proj.weight: f32[32, 64],
+        model.layers.0.self_attn.q_norm.weight: f32[4, 16],
+        model.layers.0.self_attn.k_norm.weight: f32[2, 16],
+        model.layers.0.self_attn.o_proj.weight: f32[64, 64],
+        model.layers.0.mlp.gate_proj.weight: f32[256, 64],
+        model.layers.0.mlp.up_proj.weight: f32[256, 64],
+        model.layers.0.mlp.down_proj.weight: f32[64, 256],
+        model.norm.weight: f32[64],
+):
     inputs_embeds: f32[2, 8, 64] = torch.nn.functional.embedding(args_0, model.embed_tokens.weight, 0, None, 2.0, False, False)
     arange: i64[8] = torch.arange(8, device=device('cpu'))
     position_ids: i64[8] = arange + 0
     position_ids_1: i64[1, 8] = position_ids.unsqueeze(0)
     batch_arange: i64[2] = torch.arange(2, device=device('cpu'))
     head_arange: i64[1] = torch.arange(1, device=device('cpu'))
-    arange_3: i64[8] = torch.arange(8, device=device('cpu'))
-    q_arange: i64[8] = arange_3 + 0
-    arange_4: i64[8] = torch.arange(8, device=device('cpu'))
-    kv_arange: i64[8] = arange_4 + 0
-    q_indices: i64[1, 1, 8, 1] = q_arange[None, None, :, None]
-    kv_indices: i64[1, 1, 1, 8] = kv_arange[None, None, None, :]
-    attention_mask: b8[1, 1, 8, 8] = kv_indices <= q_indices
-    attention_mask_1: b8[2, 1, 8, 8] = attention_mask.expand(2, -1, 8, 8)
     getitem_4: f32[1, 8, 1] = model.rotary_emb.inv_freq[None, :, None]
     float_1: f32[1, 8, 1] = getitem_4.to(torch.float32)
     inv_freq_expanded: f32[1, 8, 1] = float_1.expand(1, -1, 1)
@@ -75,67 +84,16 @@ graph(args_0: i64[2, 8], model.embed_tokens.weight: f32[128, 64], model.rotary_e
     key_states: f32[2, 8, 2, 16] = linear_1.view((2, 8, -1, 16))
     linear_2: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.v_proj.weight, None)
     value_states: f32[2, 8, 2, 16] = linear_2.view((2, 8, -1, 16))
-    hidden_states_4: f32[2, 8, 4, 16] = query_states.to(torch.float32)
-    mean_3: f32[2, 8, 4, 1] = hidden_states_4.mean(-1, keepdim=True)
-    sub_2: f32[2, 8, 4, 16] = hidden_states_4 - mean_3
-    pow_2: f32[2, 8, 4, 16] = sub_2.pow(2)
-    variance_1: f32[2, 8, 4, 1] = pow_2.mean(-1, keepdim=True)
-    sub_3: f32[2, 8, 4, 16] = hidden_states_4 - mean_3
-    add_4: f32[2, 8, 4, 1] = variance_1 + 1e-05
-    rsqrt_1: f32[2, 8, 4, 1] = torch.rsqrt(add_4)
-    hidden_states_5: f32[2, 8, 4, 16] = sub_3 * rsqrt_1
-    to_6: f32[4, 16] = model.layers.0.self_attn.q_norm.weight.to(torch.float32)
-    hidden_states_6: f32[2, 8, 4, 16] = to_6 * hidden_states_5
-    query_states_1: f32[2, 8, 4, 16] = hidden_states_6.to(torch.float32)
-    hidden_states_7: f32[2, 8, 2, 16] = key_states.to(torch.float32)
-    mean_6: f32[2, 8, 2, 1] = hidden_states_7.mean(-1, keepdim=True)
-    sub_4: f32[2, 8, 2, 16] = hidden_states_7 - mean_6
-    pow_3: f32[2, 8, 2, 16] = sub_4.pow(2)
-    variance_2: f32[2, 8, 2, 1] = pow_3.mean(-1, keepdim=True)
-    sub_5: f32[2, 8, 2, 16] = hidden_states_7 - mean_6
-    add_5: f32[2, 8, 2, 1] = variance_2 + 1e-05
-    rsqrt_2: f32[2, 8, 2, 1] = torch.rsqrt(add_5)
-    hidden_states_8: f32[2, 8, 2, 16] = sub_5 * rsqrt_2
-    to_9: f32[2, 16] = model.layers.0.self_attn.k_norm.weight.to(torch.float32)
-    hidden_states_9: f32[2, 8, 2, 16] = to_9 * hidden_states_8
-    key_states_1: f32[2, 8, 2, 16] = hidden_states_9.to(torch.float32)
-    query_states_2: f32[2, 4, 8, 16] = query_states_1.transpose(1, 2)
-    key_states_2: f32[2, 2, 8, 16] = key_states_1.transpose(1, 2)
     value_states_1: f32[2, 2, 8, 16] = value_states.transpose(1, 2)
-    q: f32[2, 4, 8, 16] = query_states_2.to(torch.float32)
-    k: f32[2, 2, 8, 16] = key_states_2.to(torch.float32)
-    cos_3: f32[1, 1, 8, 16] = cos_2.unsqueeze(1)
-    sin_3: f32[1, 1, 8, 16] = sin_2.unsqueeze(1)
-    mul_8: f32[2, 4, 8, 16] = q * cos_3
-    x1: f32[2, 4, 8, 8] = q[..., ::2]
-    x2: f32[2, 4, 8, 8] = q[..., 1::2]
-    neg: f32[2, 4, 8, 8] = -x2
-    stack: f32[2, 4, 8, 8, 2] = torch.stack([neg, x1], dim=-1)
-    rot_x: f32[2, 4, 8, 16] = stack.flatten(-2)
-    mul_9: f32[2, 4, 8, 16] = rot_x * sin_3
-    q_embed: f32[2, 4, 8, 16] = mul_8 + mul_9
-    mul_10: f32[2, 2, 8, 16] = k * cos_3
-    x1_1: f32[2, 2, 8, 8] = k[..., ::2]
-    x2_1: f32[2, 2, 8, 8] = k[..., 1::2]
-    neg_1: f32[2, 2, 8, 8] = -x2_1
-    stack_1: f32[2, 2, 8, 8, 2] = torch.stack([neg_1, x1_1], dim=-1)
-    rot_x_1: f32[2, 2, 8, 16] = stack_1.flatten(-2)
-    mul_11: f32[2, 2, 8, 16] = rot_x_1 * sin_3
-    k_embed: f32[2, 2, 8, 16] = mul_10 + mul_11
-    query_states_3: f32[2, 4, 8, 16] = q_embed.to(torch.float32)
-    key_states_3: f32[2, 2, 8, 16] = k_embed.to(torch.float32)
+    qk_norm_rope: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.qk_norm_rope(query_states, key_states, cos_2, sin_2, model.layers.0.self_attn.q_norm.weight, model.layers.0.self_attn.k_norm.weight, 1e-05)
+    qk_norm_rope_k: f32[2, 2, 8, 16] = qk_norm_rope[1]
+    qk_norm_rope_q: f32[2, 4, 8, 16] = qk_norm_rope[0]
     tensor: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     tensor_1: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
-    keys: f32[2, 2, 8, 16] = torch.cat([tensor, key_states_3], dim=-2)
+    keys: f32[2, 2, 8, 16] = torch.cat([tensor, qk_norm_rope_k], dim=-2)
     values: f32[2, 2, 8, 16] = torch.cat([tensor_1, value_states_1], dim=-2)
-    getitem_10: f32[2, 2, 1, 8, 16] = keys[:, :, None, :, :]
-    hidden_states_10: f32[2, 2, 2, 8, 16] = getitem_10.expand(2, 2, 2, 8, 16)
-    key: f32[2, 4, 8, 16] = hidden_states_10.reshape(2, 4, 8, 16)
-    getitem_11: f32[2, 2, 1, 8, 16] = values[:, :, None, :, :]
-    hidden_states_11: f32[2, 2, 2, 8, 16] = getitem_11.expand(2, 2, 2, 8, 16)
-    value: f32[2, 4, 8, 16] = hidden_states_11.reshape(2, 4, 8, 16)
-    attn_output: f32[2, 4, 8, 16] = torch.nn.functional.scaled_dot_product_attention(query_states_3, key, value, attn_mask=attention_mask_1, dropout_p=0.0, scale=0.25, is_causal=False)
-    transpose_4: f32[2, 8, 4, 16] = attn_output.transpose(1, 2)
+    causal_attention: f32[2, 4, 8, 16] = torch.nn.functional.scaled_dot_product_attention(qk_norm_rope_q, keys, values, attn_mask=None, dropout_p=0.0, scale=0.25, is_causal=True, enable_gqa=True)
+    transpose_4: f32[2, 8, 4, 16] = causal_attention.transpose(1, 2)
     attn_output_1: f32[2, 8, 4, 16] = transpose_4.contiguous()
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
@@ -156,11 +114,52 @@ graph(args_0: i64[2, 8], model.embed_tokens.weight: f32[128, 64], model.rotary_e
 
     def test_cohere2_four_layers(self):
         self.assertExpectedInline(_rewritten(Cohere2ForCausalLM(tiny_cohere2_config(layers=4)), 8), """\
-pattern     matches
-----------  -------
-layer_norm        5
-graph 0: 316 nodes -> 261 nodes
-graph(args_0: i64[2, 8], model.embed_tokens.weight: f32[128, 64], model.rotary_emb.inv_freq: f32[8], model.layers.0.input_layernorm.weight: f32[64], model.layers.0.self_attn.q_proj.weight: f32[64, 64], model.layers.0.self_attn.k_proj.weight: f32[32, 64], model.layers.0.self_attn.v_proj.weight: f32[32, 64], model.layers.0.self_attn.o_proj.weight: f32[64, 64], model.layers.0.mlp.gate_proj.weight: f32[256, 64], model.layers.0.mlp.up_proj.weight: f32[256, 64], model.layers.0.mlp.down_proj.weight: f32[64, 256], model.layers.1.input_layernorm.weight: f32[64], model.layers.1.self_attn.q_proj.weight: f32[64, 64], model.layers.1.self_attn.k_proj.weight: f32[32, 64], model.layers.1.self_attn.v_proj.weight: f32[32, 64], model.layers.1.self_attn.o_proj.weight: f32[64, 64], model.layers.1.mlp.gate_proj.weight: f32[256, 64], model.layers.1.mlp.up_proj.weight: f32[256, 64], model.layers.1.mlp.down_proj.weight: f32[64, 256], model.layers.2.input_layernorm.weight: f32[64], model.layers.2.self_attn.q_proj.weight: f32[64, 64], model.layers.2.self_attn.k_proj.weight: f32[32, 64], model.layers.2.self_attn.v_proj.weight: f32[32, 64], model.layers.2.self_attn.o_proj.weight: f32[64, 64], model.layers.2.mlp.gate_proj.weight: f32[256, 64], model.layers.2.mlp.up_proj.weight: f32[256, 64], model.layers.2.mlp.down_proj.weight: f32[64, 256], model.layers.3.input_layernorm.weight: f32[64], model.layers.3.self_attn.q_proj.weight: f32[64, 64], model.layers.3.self_attn.k_proj.weight: f32[32, 64], model.layers.3.self_attn.v_proj.weight: f32[32, 64], model.layers.3.self_attn.o_proj.weight: f32[64, 64], model.layers.3.mlp.gate_proj.weight: f32[256, 64], model.layers.3.mlp.up_proj.weight: f32[256, 64], model.layers.3.mlp.down_proj.weight: f32[64, 256], model.norm.weight: f32[64]):
+pattern            matches
+-----------------  -------
+qk_norm_rope             0
+rope                     3
+causal_attention         1
+sliding_attention        3
+layer_norm               5
+graph 0: 316 nodes -> 151 nodes
+graph(
+        args_0: i64[2, 8],
+        model.embed_tokens.weight: f32[128, 64],
+        model.rotary_emb.inv_freq: f32[8],
+        model.layers.0.input_layernorm.weight: f32[64],
+        model.layers.0.self_attn.q_proj.weight: f32[64, 64],
+        model.layers.0.self_attn.k_proj.weight: f32[32, 64],
+        model.layers.0.self_attn.v_proj.weight: f32[32, 64],
+        model.layers.0.self_attn.o_proj.weight: f32[64, 64],
+        model.layers.0.mlp.gate_proj.weight: f32[256, 64],
+        model.layers.0.mlp.up_proj.weight: f32[256, 64],
+        model.layers.0.mlp.down_proj.weight: f32[64, 256],
+        model.layers.1.input_layernorm.weight: f32[64],
+        model.layers.1.self_attn.q_proj.weight: f32[64, 64],
+        model.layers.1.self_attn.k_proj.weight: f32[32, 64],
+        model.layers.1.self_attn.v_proj.weight: f32[32, 64],
+        model.layers.1.self_attn.o_proj.weight: f32[64, 64],
+        model.layers.1.mlp.gate_proj.weight: f32[256, 64],
+        model.layers.1.mlp.up_proj.weight: f32[256, 64],
+        model.layers.1.mlp.down_proj.weight: f32[64, 256],
+        model.layers.2.input_layernorm.weight: f32[64],
+        model.layers.2.self_attn.q_proj.weight: f32[64, 64],
+        model.layers.2.self_attn.k_proj.weight: f32[32, 64],
+        model.layers.2.self_attn.v_proj.weight: f32[32, 64],
+        model.layers.2.self_attn.o_proj.weight: f32[64, 64],
+        model.layers.2.mlp.gate_proj.weight: f32[256, 64],
+        model.layers.2.mlp.up_proj.weight: f32[256, 64],
+        model.layers.2.mlp.down_proj.weight: f32[64, 256],
+        model.layers.3.input_layernorm.weight: f32[64],
+        model.layers.3.self_attn.q_proj.weight: f32[64, 64],
+        model.layers.3.self_attn.k_proj.weight: f32[32, 64],
+        model.layers.3.self_attn.v_proj.weight: f32[32, 64],
+        model.layers.3.self_attn.o_proj.weight: f32[64, 64],
+        model.layers.3.mlp.gate_proj.weight: f32[256, 64],
+        model.layers.3.mlp.up_proj.weight: f32[256, 64],
+        model.layers.3.mlp.down_proj.weight: f32[64, 256],
+        model.norm.weight: f32[64],
+):
     inputs_embeds: f32[2, 8, 64] = torch.nn.functional.embedding(args_0, model.embed_tokens.weight, 0, None, 2.0, False, False)
     tensor: i64[] = torch.tensor(4, dtype=torch.int64)
     tensor_1: i64[] = torch.tensor(4, dtype=torch.int64)
@@ -170,31 +169,8 @@ graph(args_0: i64[2, 8], model.embed_tokens.weight: f32[128, 64], model.rotary_e
     position_ids_1: i64[1, 8] = position_ids.unsqueeze(0)
     batch_arange: i64[2] = torch.arange(2, device=device('cpu'))
     head_arange: i64[1] = torch.arange(1, device=device('cpu'))
-    arange_3: i64[8] = torch.arange(8, device=device('cpu'))
-    q_arange: i64[8] = arange_3 + 0
-    arange_4: i64[8] = torch.arange(8, device=device('cpu'))
-    kv_arange: i64[8] = arange_4 + 0
-    q_indices: i64[1, 1, 8, 1] = q_arange[None, None, :, None]
-    kv_indices: i64[1, 1, 1, 8] = kv_arange[None, None, None, :]
-    attention_mask: b8[1, 1, 8, 8] = kv_indices <= q_indices
-    attention_mask_1: b8[2, 1, 8, 8] = attention_mask.expand(2, -1, 8, 8)
     batch_arange_1: i64[2] = torch.arange(2, device=device('cpu'))
     head_arange_1: i64[1] = torch.arange(1, device=device('cpu'))
-    arange_7: i64[8] = torch.arange(8, device=device('cpu'))
-    q_arange_1: i64[8] = arange_7 + 0
-    arange_8: i64[8] = torch.arange(8, device=device('cpu'))
-    kv_arange_1: i64[8] = arange_8 + 0
-    q_indices_1: i64[1, 1, 8, 1] = q_arange_1[None, None, :, None]
-    kv_indices_1: i64[1, 1, 1, 8] = kv_arange_1[None, None, None, :]
-    result: b8[] = q_indices_1.new_ones((), dtype=torch.bool)
-    sub: i64[1, 1, 8, 1] = q_indices_1 - 4
-    gt: b8[1, 1, 8, 8] = kv_indices_1 > sub
-    to: b8[1, 1, 8, 8] = gt.to(device('cpu'))
-    result_1: b8[1, 1, 8, 8] = result & to
-    le_1: b8[1, 1, 8, 8] = kv_indices_1 <= q_indices_1
-    to_1: b8[1, 1, 8, 8] = le_1.to(device('cpu'))
-    result_2: b8[1, 1, 8, 8] = result_1 & to_1
-    attention_mask_2: b8[2, 1, 8, 8] = result_2.expand(2, -1, 8, 8)
     getitem_8: f32[1, 8, 1] = model.rotary_emb.inv_freq[None, :, None]
     float_1: f32[1, 8, 1] = getitem_8.to(torch.float32)
     inv_freq_expanded: f32[1, 8, 1] = float_1.expand(1, -1, 1)
@@ -214,50 +190,23 @@ graph(args_0: i64[2, 8], model.embed_tokens.weight: f32[128, 64], model.rotary_e
     layer_norm: f32[2, 8, 64] = cohere_fx.layer_norm(inputs_embeds, model.layers.0.input_layernorm.weight, 1e-05)
     linear: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.q_proj.weight, None)
     view: f32[2, 8, 4, 16] = linear.view((2, 8, -1, 16))
-    query_states: f32[2, 4, 8, 16] = view.transpose(1, 2)
     linear_1: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.k_proj.weight, None)
     view_1: f32[2, 8, 2, 16] = linear_1.view((2, 8, -1, 16))
-    key_states: f32[2, 2, 8, 16] = view_1.transpose(1, 2)
     linear_2: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.v_proj.weight, None)
     view_2: f32[2, 8, 2, 16] = linear_2.view((2, 8, -1, 16))
     value_states: f32[2, 2, 8, 16] = view_2.transpose(1, 2)
-    q: f32[2, 4, 8, 16] = query_states.to(torch.float32)
-    k: f32[2, 2, 8, 16] = key_states.to(torch.float32)
-    cos_3: f32[1, 1, 8, 16] = cos_2.unsqueeze(1)
-    sin_3: f32[1, 1, 8, 16] = sin_2.unsqueeze(1)
-    mul_4: f32[2, 4, 8, 16] = q * cos_3
-    x1: f32[2, 4, 8, 8] = q[..., ::2]
-    x2: f32[2, 4, 8, 8] = q[..., 1::2]
-    neg: f32[2, 4, 8, 8] = -x2
-    stack: f32[2, 4, 8, 8, 2] = torch.stack([neg, x1], dim=-1)
-    rot_x: f32[2, 4, 8, 16] = stack.flatten(-2)
-    mul_5: f32[2, 4, 8, 16] = rot_x * sin_3
-    q_embed: f32[2, 4, 8, 16] = mul_4 + mul_5
-    mul_6: f32[2, 2, 8, 16] = k * cos_3
-    x1_1: f32[2, 2, 8, 8] = k[..., ::2]
-    x2_1: f32[2, 2, 8, 8] = k[..., 1::2]
-    neg_1: f32[2, 2, 8, 8] = -x2_1
-    stack_1: f32[2, 2, 8, 8, 2] = torch.stack([neg_1, x1_1], dim=-1)
-    rot_x_1: f32[2, 2, 8, 16] = stack_1.flatten(-2)
-    mul_7: f32[2, 2, 8, 16] = rot_x_1 * sin_3
-    k_embed: f32[2, 2, 8, 16] = mul_6 + mul_7
-    query_states_1: f32[2, 4, 8, 16] = q_embed.to(torch.float32)
-    key_states_1: f32[2, 2, 8, 16] = k_embed.to(torch.float32)
+    rope: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view, view_1, cos_2, sin_2)
+    rope_k: f32[2, 2, 8, 16] = rope[1]
+    rope_q: f32[2, 4, 8, 16] = rope[0]
     tensor_3: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     tensor_4: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     to_9: i64[] = tensor.to(device('cpu'))
-    full_key_states: f32[2, 2, 8, 16] = torch.cat([tensor_3, key_states_1], dim=-2)
+    full_key_states: f32[2, 2, 8, 16] = torch.cat([tensor_3, rope_k], dim=-2)
     full_value_states: f32[2, 2, 8, 16] = torch.cat([tensor_4, value_states], dim=-2)
     getitem_14: f32[2, 2, 3, 16] = full_key_states[:, :, -3:, :]
     getitem_15: f32[2, 2, 3, 16] = full_value_states[:, :, -3:, :]
-    getitem_16: f32[2, 2, 1, 8, 16] = full_key_states[:, :, None, :, :]
-    hidden_states_4: f32[2, 2, 2, 8, 16] = getitem_16.expand(2, 2, 2, 8, 16)
-    key: f32[2, 4, 8, 16] = hidden_states_4.reshape(2, 4, 8, 16)
-    getitem_17: f32[2, 2, 1, 8, 16] = full_value_states[:, :, None, :, :]
-    hidden_states_5: f32[2, 2, 2, 8, 16] = getitem_17.expand(2, 2, 2, 8, 16)
-    value: f32[2, 4, 8, 16] = hidden_states_5.reshape(2, 4, 8, 16)
-    attn_output: f32[2, 4, 8, 16] = torch.nn.functional.scaled_dot_product_attention(query_states_1, key, value, attn_mask=attention_mask_2, dropout_p=0.0, scale=0.25, is_causal=False)
-    transpose_4: f32[2, 8, 4, 16] = attn_output.transpose(1, 2)
+    sliding_attention: f32[2, 4, 8, 16] = cohere_fx.ops.sliding_attention.sliding_window_attention(rope_q, full_key_states, full_value_states, 4, 0.25, True)
+    transpose_4: f32[2, 8, 4, 16] = sliding_attention.transpose(1, 2)
     attn_output_1: f32[2, 8, 4, 16] = transpose_4.contiguous()
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
@@ -272,50 +221,23 @@ graph(args_0: i64[2, 8], model.embed_tokens.weight: f32[128, 64], model.rotary_e
     layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(hidden_states_6, model.layers.1.input_layernorm.weight, 1e-05)
     linear_7: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm_1, model.layers.1.self_attn.q_proj.weight, None)
     view_3: f32[2, 8, 4, 16] = linear_7.view((2, 8, -1, 16))
-    query_states_2: f32[2, 4, 8, 16] = view_3.transpose(1, 2)
     linear_8: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_1, model.layers.1.self_attn.k_proj.weight, None)
     view_4: f32[2, 8, 2, 16] = linear_8.view((2, 8, -1, 16))
-    key_states_2: f32[2, 2, 8, 16] = view_4.transpose(1, 2)
     linear_9: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_1, model.layers.1.self_attn.v_proj.weight, None)
     view_5: f32[2, 8, 2, 16] = linear_9.view((2, 8, -1, 16))
     value_states_1: f32[2, 2, 8, 16] = view_5.transpose(1, 2)
-    q_1: f32[2, 4, 8, 16] = query_states_2.to(torch.float32)
-    k_1: f32[2, 2, 8, 16] = key_states_2.to(torch.float32)
-    cos_4: f32[1, 1, 8, 16] = cos_2.unsqueeze(1)
-    sin_4: f32[1, 1, 8, 16] = sin_2.unsqueeze(1)
-    mul_11: f32[2, 4, 8, 16] = q_1 * cos_4
-    x1_2: f32[2, 4, 8, 8] = q_1[..., ::2]
-    x2_2: f32[2, 4, 8, 8] = q_1[..., 1::2]
-    neg_2: f32[2, 4, 8, 8] = -x2_2
-    stack_2: f32[2, 4, 8, 8, 2] = torch.stack([neg_2, x1_2], dim=-1)
-    rot_x_2: f32[2, 4, 8, 16] = stack_2.flatten(-2)
-    mul_12: f32[2, 4, 8, 16] = rot_x_2 * sin_4
-    q_embed_1: f32[2, 4, 8, 16] = mul_11 + mul_12
-    mul_13: f32[2, 2, 8, 16] = k_1 * cos_4
-    x1_3: f32[2, 2, 8, 8] = k_1[..., ::2]
-    x2_3: f32[2, 2, 8, 8] = k_1[..., 1::2]
-    neg_3: f32[2, 2, 8, 8] = -x2_3
-    stack_3: f32[2, 2, 8, 8, 2] = torch.stack([neg_3, x1_3], dim=-1)
-    rot_x_3: f32[2, 2, 8, 16] = stack_3.flatten(-2)
-    mul_14: f32[2, 2, 8, 16] = rot_x_3 * sin_4
-    k_embed_1: f32[2, 2, 8, 16] = mul_13 + mul_14
-    query_states_3: f32[2, 4, 8, 16] = q_embed_1.to(torch.float32)
-    key_states_3: f32[2, 2, 8, 16] = k_embed_1.to(torch.float32)
+    rope_1: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view_3, view_4, cos_2, sin_2)
+    rope_1_k: f32[2, 2, 8, 16] = rope_1[1]
+    rope_1_q: f32[2, 4, 8, 16] = rope_1[0]
     tensor_5: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     tensor_6: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     to_15: i64[] = tensor_1.to(device('cpu'))
-    full_key_states_1: f32[2, 2, 8, 16] = torch.cat([tensor_5, key_states_3], dim=-2)
+    full_key_states_1: f32[2, 2, 8, 16] = torch.cat([tensor_5, rope_1_k], dim=-2)
     full_value_states_1: f32[2, 2, 8, 16] = torch.cat([tensor_6, value_states_1], dim=-2)
     getitem_22: f32[2, 2, 3, 16] = full_key_states_1[:, :, -3:, :]
     getitem_23: f32[2, 2, 3, 16] = full_value_states_1[:, :, -3:, :]
-    getitem_24: f32[2, 2, 1, 8, 16] = full_key_states_1[:, :, None, :, :]
-    hidden_states_11: f32[2, 2, 2, 8, 16] = getitem_24.expand(2, 2, 2, 8, 16)
-    key_1: f32[2, 4, 8, 16] = hidden_states_11.reshape(2, 4, 8, 16)
-    getitem_25: f32[2, 2, 1, 8, 16] = full_value_states_1[:, :, None, :, :]
-    hidden_states_12: f32[2, 2, 2, 8, 16] = getitem_25.expand(2, 2, 2, 8, 16)
-    value_1: f32[2, 4, 8, 16] = hidden_states_12.reshape(2, 4, 8, 16)
-    attn_output_4: f32[2, 4, 8, 16] = torch.nn.functional.scaled_dot_product_attention(query_states_3, key_1, value_1, attn_mask=attention_mask_2, dropout_p=0.0, scale=0.25, is_causal=False)
-    transpose_8: f32[2, 8, 4, 16] = attn_output_4.transpose(1, 2)
+    sliding_attention_1: f32[2, 4, 8, 16] = cohere_fx.ops.sliding_attention.sliding_window_attention(rope_1_q, full_key_states_1, full_value_states_1, 4, 0.25, True)
+    transpose_8: f32[2, 8, 4, 16] = sliding_attention_1.transpose(1, 2)
     attn_output_5: f32[2, 8, 4, 16] = transpose_8.contiguous()
     reshape_5: f32[2, 8, 64] = attn_output_5.reshape(2, 8, -1)
     attn_output_6: f32[2, 8, 64] = reshape_5.contiguous()
@@ -330,50 +252,23 @@ graph(args_0: i64[2, 8], model.embed_tokens.weight: f32[128, 64], model.rotary_e
     layer_norm_2: f32[2, 8, 64] = cohere_fx.layer_norm(hidden_states_13, model.layers.2.input_layernorm.weight, 1e-05)
     linear_14: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm_2, model.layers.2.self_attn.q_proj.weight, None)
     view_6: f32[2, 8, 4, 16] = linear_14.view((2, 8, -1, 16))
-    query_states_4: f32[2, 4, 8, 16] = view_6.transpose(1, 2)
     linear_15: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_2, model.layers.2.self_attn.k_proj.weight, None)
     view_7: f32[2, 8, 2, 16] = linear_15.view((2, 8, -1, 16))
-    key_states_4: f32[2, 2, 8, 16] = view_7.transpose(1, 2)
     linear_16: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_2, model.layers.2.self_attn.v_proj.weight, None)
     view_8: f32[2, 8, 2, 16] = linear_16.view((2, 8, -1, 16))
     value_states_2: f32[2, 2, 8, 16] = view_8.transpose(1, 2)
-    q_2: f32[2, 4, 8, 16] = query_states_4.to(torch.float32)
-    k_2: f32[2, 2, 8, 16] = key_states_4.to(torch.float32)
-    cos_5: f32[1, 1, 8, 16] = cos_2.unsqueeze(1)
-    sin_5: f32[1, 1, 8, 16] = sin_2.unsqueeze(1)
-    mul_18: f32[2, 4, 8, 16] = q_2 * cos_5
-    x1_4: f32[2, 4, 8, 8] = q_2[..., ::2]
-    x2_4: f32[2, 4, 8, 8] = q_2[..., 1::2]
-    neg_4: f32[2, 4, 8, 8] = -x2_4
-    stack_4: f32[2, 4, 8, 8, 2] = torch.stack([neg_4, x1_4], dim=-1)
-    rot_x_4: f32[2, 4, 8, 16] = stack_4.flatten(-2)
-    mul_19: f32[2, 4, 8, 16] = rot_x_4 * sin_5
-    q_embed_2: f32[2, 4, 8, 16] = mul_18 + mul_19
-    mul_20: f32[2, 2, 8, 16] = k_2 * cos_5
-    x1_5: f32[2, 2, 8, 8] = k_2[..., ::2]
-    x2_5: f32[2, 2, 8, 8] = k_2[..., 1::2]
-    neg_5: f32[2, 2, 8, 8] = -x2_5
-    stack_5: f32[2, 2, 8, 8, 2] = torch.stack([neg_5, x1_5], dim=-1)
-    rot_x_5: f32[2, 2, 8, 16] = stack_5.flatten(-2)
-    mul_21: f32[2, 2, 8, 16] = rot_x_5 * sin_5
-    k_embed_2: f32[2, 2, 8, 16] = mul_20 + mul_21
-    query_states_5: f32[2, 4, 8, 16] = q_embed_2.to(torch.float32)
-    key_states_5: f32[2, 2, 8, 16] = k_embed_2.to(torch.float32)
+    rope_2: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view_6, view_7, cos_2, sin_2)
+    rope_2_k: f32[2, 2, 8, 16] = rope_2[1]
+    rope_2_q: f32[2, 4, 8, 16] = rope_2[0]
     tensor_7: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     tensor_8: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     to_21: i64[] = tensor_2.to(device('cpu'))
-    full_key_states_2: f32[2, 2, 8, 16] = torch.cat([tensor_7, key_states_5], dim=-2)
+    full_key_states_2: f32[2, 2, 8, 16] = torch.cat([tensor_7, rope_2_k], dim=-2)
     full_value_states_2: f32[2, 2, 8, 16] = torch.cat([tensor_8, value_states_2], dim=-2)
     getitem_30: f32[2, 2, 3, 16] = full_key_states_2[:, :, -3:, :]
     getitem_31: f32[2, 2, 3, 16] = full_value_states_2[:, :, -3:, :]
-    getitem_32: f32[2, 2, 1, 8, 16] = full_key_states_2[:, :, None, :, :]
-    hidden_states_18: f32[2, 2, 2, 8, 16] = getitem_32.expand(2, 2, 2, 8, 16)
-    key_2: f32[2, 4, 8, 16] = hidden_states_18.reshape(2, 4, 8, 16)
-    getitem_33: f32[2, 2, 1, 8, 16] = full_value_states_2[:, :, None, :, :]
-    hidden_states_19: f32[2, 2, 2, 8, 16] = getitem_33.expand(2, 2, 2, 8, 16)
-    value_2: f32[2, 4, 8, 16] = hidden_states_19.reshape(2, 4, 8, 16)
-    attn_output_8: f32[2, 4, 8, 16] = torch.nn.functional.scaled_dot_product_attention(query_states_5, key_2, value_2, attn_mask=attention_mask_2, dropout_p=0.0, scale=0.25, is_causal=False)
-    transpose_12: f32[2, 8, 4, 16] = attn_output_8.transpose(1, 2)
+    sliding_attention_2: f32[2, 4, 8, 16] = cohere_fx.ops.sliding_attention.sliding_window_attention(rope_2_q, full_key_states_2, full_value_states_2, 4, 0.25, True)
+    transpose_12: f32[2, 8, 4, 16] = sliding_attention_2.transpose(1, 2)
     attn_output_9: f32[2, 8, 4, 16] = transpose_12.contiguous()
     reshape_8: f32[2, 8, 64] = attn_output_9.reshape(2, 8, -1)
     attn_output_10: f32[2, 8, 64] = reshape_8.contiguous()
@@ -399,14 +294,8 @@ graph(args_0: i64[2, 8], model.embed_tokens.weight: f32[128, 64], model.rotary_e
     tensor_10: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     keys: f32[2, 2, 8, 16] = torch.cat([tensor_9, key_states_6], dim=-2)
     values: f32[2, 2, 8, 16] = torch.cat([tensor_10, value_states_3], dim=-2)
-    getitem_34: f32[2, 2, 1, 8, 16] = keys[:, :, None, :, :]
-    hidden_states_25: f32[2, 2, 2, 8, 16] = getitem_34.expand(2, 2, 2, 8, 16)
-    key_3: f32[2, 4, 8, 16] = hidden_states_25.reshape(2, 4, 8, 16)
-    getitem_35: f32[2, 2, 1, 8, 16] = values[:, :, None, :, :]
-    hidden_states_26: f32[2, 2, 2, 8, 16] = getitem_35.expand(2, 2, 2, 8, 16)
-    value_3: f32[2, 4, 8, 16] = hidden_states_26.reshape(2, 4, 8, 16)
-    attn_output_12: f32[2, 4, 8, 16] = torch.nn.functional.scaled_dot_product_attention(query_states_6, key_3, value_3, attn_mask=attention_mask_1, dropout_p=0.0, scale=0.25, is_causal=False)
-    transpose_16: f32[2, 8, 4, 16] = attn_output_12.transpose(1, 2)
+    causal_attention: f32[2, 4, 8, 16] = torch.nn.functional.scaled_dot_product_attention(query_states_6, keys, values, attn_mask=None, dropout_p=0.0, scale=0.25, is_causal=True, enable_gqa=True)
+    transpose_16: f32[2, 8, 4, 16] = causal_attention.transpose(1, 2)
     attn_output_13: f32[2, 8, 4, 16] = transpose_16.contiguous()
     reshape_11: f32[2, 8, 64] = attn_output_13.reshape(2, 8, -1)
     attn_output_14: f32[2, 8, 64] = reshape_11.contiguous()

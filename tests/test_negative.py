@@ -1,4 +1,9 @@
-"""What must not be rewritten stays unchanged, and still runs correctly."""
+"""What must not be rewritten stays unchanged, and still runs correctly.
+
+Near misses are planted inside a real Cohere model (as its final norm), so the pipeline runs and it is the
+pattern's own checks that must refuse them; non-Cohere models are passed through untouched.
+"""
+import pytest
 import torch
 from transformers import CohereForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -8,12 +13,12 @@ from parity import assert_training_parity
 
 
 class LayerNormWithBias(torch.nn.Module):
-    """CohereLayerNorm's math plus a bias: not the op's math, so it must not match."""
+    """CohereLayerNorm's math plus a bias."""
 
     def __init__(self, n):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(n))
-        self.bias = torch.nn.Parameter(torch.randn(n))
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(n))
+        self.bias = torch.nn.Parameter(0.1 * torch.randn(n))
 
     def forward(self, x):
         h = x.to(torch.float32)
@@ -29,7 +34,7 @@ class OnePassVarianceNorm(torch.nn.Module):
 
     def __init__(self, n):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(n))
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(n))
 
     def forward(self, x):
         h = x.to(torch.float32)
@@ -39,39 +44,29 @@ class OnePassVarianceNorm(torch.nn.Module):
         return (self.weight.to(torch.float32) * h).to(x.dtype)
 
 
-class NormOverOtherDim(torch.nn.Module):
-    """The same math over dim 0 instead of the last dim."""
+class NormOverSequence(torch.nn.Module):
+    """The same math over the sequence dimension instead of the hidden dimension."""
 
     def __init__(self, n):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn(n))
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(n))
 
     def forward(self, x):
         h = x.to(torch.float32)
-        mean = h.mean(0, keepdim=True)
-        variance = (h - mean).pow(2).mean(0, keepdim=True)
+        mean = h.mean(1, keepdim=True)
+        variance = (h - mean).pow(2).mean(1, keepdim=True)
         h = (h - mean) * torch.rsqrt(variance + 1e-5)
         return (self.weight.to(torch.float32) * h).to(x.dtype)
 
 
-def _assert_untouched(module, x):
-    report = cohere_fx.explain(module, x)
-    assert all(count == 0 for count in report.matches.values()), report.matches
-    assert report.graphs and report.graphs[0].before == report.graphs[0].after
-    compiled = torch.compile(module, backend="cohere_fx", options={"inductor": False})
-    torch.testing.assert_close(compiled(x), module(x))
-
-
-def test_layer_norm_with_bias_is_left_alone():
-    _assert_untouched(LayerNormWithBias(16), torch.randn(3, 16))
-
-
-def test_one_pass_variance_is_left_alone():
-    _assert_untouched(OnePassVarianceNorm(16), torch.randn(3, 16))
-
-
-def test_norm_over_another_dim_is_left_alone():
-    _assert_untouched(NormOverOtherDim(3), torch.randn(3, 16).t())
+@pytest.mark.parametrize("near_miss", [LayerNormWithBias, OnePassVarianceNorm, NormOverSequence])
+def test_near_miss_final_norm_is_left_alone(near_miss):
+    model = CohereForCausalLM(tiny_cohere_config(layers=2))
+    model.model.norm = near_miss(model.config.hidden_size)
+    ids = torch.randint(3, 128, (2, 8))
+    report = cohere_fx.explain(model, ids)
+    assert report.matches["layer_norm"] == 2  # the two input norms; not the planted final norm
+    assert_training_parity(model, ids, {"inductor": False}, tol=1e-5)
 
 
 def test_llama_rmsnorm_model_is_unchanged_and_correct():
@@ -81,7 +76,7 @@ def test_llama_rmsnorm_model_is_unchanged_and_correct():
     ids = torch.randint(0, 128, (2, 8))
     report = cohere_fx.explain(model, ids)
     assert all(count == 0 for count in report.matches.values())
-    assert all(g.before == g.after for g in report.graphs)
+    assert all(g.before == g.after and g.skipped for g in report.graphs)
     assert_training_parity(model, ids, {"inductor": False}, tol=1e-6)
 
 

@@ -5,3 +5,5 @@ used on devices Triton cannot run on. Importing this package registers every op.
 """
 from cohere_fx.ops import layer_norm  # noqa: F401
 from cohere_fx.ops import cross_entropy  # noqa: F401
+from cohere_fx.ops import qk_norm_rope  # noqa: F401
+from cohere_fx.ops import paged_attention  # noqa: F401

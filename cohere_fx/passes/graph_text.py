@@ -95,8 +95,8 @@ class _Namer:
 
 def graph_text(gm: torch.fx.GraphModule) -> str:
     namer = _Namer(gm.graph)
-    inputs = [f"{namer.names[n]}: {_type(n)}" for n in gm.graph.nodes if n.op == "placeholder"]
-    lines = ["graph(" + ", ".join(inputs) + "):"]
+    lines = ["graph("] + [f"        {namer.names[n]}: {_type(n)}," for n in gm.graph.nodes if n.op == "placeholder"]
+    lines.append("):")
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             continue

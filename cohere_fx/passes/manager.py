@@ -23,6 +23,20 @@ from cohere_fx.patterns import PATTERNS
 _PACKAGE = Path(__file__).resolve().parent.parent
 
 
+_COHERE_MODULES = ("transformers.models.cohere.", "transformers.models.cohere2.")
+
+
+def is_cohere_graph(gm: torch.fx.GraphModule) -> bool:
+    """Whether Dynamo traced any HF Cohere/Cohere2 module into this graph. Other models' graphs (a Llama, a
+    user's module that merely looks similar) are never rewritten."""
+    for node in gm.graph.nodes:
+        for _, module_type in (node.meta.get("nn_module_stack") or {}).values():
+            name = module_type if isinstance(module_type, str) else f"{module_type.__module__}.{module_type.__name__}"
+            if name.startswith(_COHERE_MODULES):
+                return True
+    return False
+
+
 def _node_count(gm: torch.fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
 
@@ -37,11 +51,18 @@ class CohereFxPasses(CustomGraphPass):
 
     def run(self, gm: torch.fx.GraphModule) -> GraphReport:
         before, nodes_before = graph_text(gm), _node_count(gm)
+        if not is_cohere_graph(gm):
+            return GraphReport(before, before, {name: 0 for name in self.enabled}, {}, nodes_before, nodes_before,
+                               skipped="no Cohere module in this graph: passed through unchanged")
         restore_spellings = normalize_graph(gm.graph)
-        counts, near_misses = {}, {}
+        counts, results = {}, []
         for name in self.enabled:
             result = apply_pattern(PATTERNS[name], gm.graph)
-            counts[name], near_misses[name] = result.count, result.near_misses
+            counts[name] = result.count
+            results.append(result)
+        # a candidate one pattern refused may have been taken by a later one: only report what is still there
+        alive = set(gm.graph.nodes)
+        near_misses = {r.name: [why for node, why in r.near_misses if node in alive] for r in results}
         if any(counts.values()):
             stable_topological_sort(gm.graph)
             gm.graph.lint()

@@ -12,7 +12,7 @@ class PatternResult:
 
     name: str
     count: int = 0
-    near_misses: list[str] = field(default_factory=list)
+    near_misses: list[tuple[torch.fx.Node, str]] = field(default_factory=list)
 
 
 def _describe(match: Match) -> str:
@@ -33,9 +33,22 @@ def _replace(match: Match) -> None:
             replacement.meta.setdefault("example_value", fake_value(old))
         replacement.meta.setdefault("stack_trace", old.meta.get("stack_trace"))
         old.replace_all_uses_with(replacement)
+    producers = {a for node in match.nodes for a in node.all_input_nodes} - set(match.nodes)
     for node in sorted(match.nodes, key=_position(graph), reverse=True):
         if not node.users:
             graph.erase_node(node)
+    for node in producers:
+        _erase_if_dead(graph, node)
+
+
+def _erase_if_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Erase a computation the replacement left without users (e.g. a mask no attention reads any more)."""
+    if node.users or node.op in ("placeholder", "output", "get_attr") or node.is_impure():
+        return
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for producer in inputs:
+        _erase_if_dead(graph, producer)
 
 
 def _position(graph: torch.fx.Graph):
@@ -45,11 +58,12 @@ def _position(graph: torch.fx.Graph):
 
 def apply_pattern(pattern: Pattern, graph: torch.fx.Graph) -> PatternResult:
     result = PatternResult(pattern.name)
-    for match in pattern.find(graph):
-        reason = pattern.check(match)
-        if reason is not None:
-            result.near_misses.append(f"{_describe(match)}: {reason}")
-            continue
-        _replace(match)
-        result.count += 1
+    for variant in pattern.variants:
+        for match in pattern.find(graph, variant):
+            reason = pattern.check(match)
+            if reason is not None:
+                result.near_misses.append((match.outputs[0], f"{_describe(match)}: {reason}"))
+                continue
+            _replace(match)
+            result.count += 1
     return result

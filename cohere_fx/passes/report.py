@@ -1,5 +1,6 @@
 """What the pipeline did, per graph and per compile: match counts, near misses, graphs before and after."""
 from dataclasses import dataclass, field
+from typing import Optional
 
 
 @dataclass
@@ -12,6 +13,7 @@ class GraphReport:
     near_misses: dict[str, list[str]]
     nodes_before: int
     nodes_after: int
+    skipped: Optional[str] = None
 
 
 @dataclass
@@ -37,7 +39,8 @@ class Report:
         for name, misses in self.near_misses.items():
             lines += [f"  not matched ({name}): {m}" for m in misses]
         for i, g in enumerate(self.graphs):
-            lines.append(f"graph {i}: {g.nodes_before} nodes -> {g.nodes_after} nodes")
+            lines.append(f"graph {i}: {g.nodes_before} nodes -> {g.nodes_after} nodes"
+                         + (f" ({g.skipped})" if g.skipped else ""))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -1,7 +1,8 @@
 """The registry of fusions, in the order the pipeline applies them. One file per fusion."""
-from cohere_fx.patterns import layer_norm
+from cohere_fx.patterns import causal_attention, layer_norm, qk_norm_rope, rope, sliding_attention
 from cohere_fx.patterns.base import Match, Pattern
 
-PATTERNS: dict[str, Pattern] = {p.name: p for p in (layer_norm.PATTERN,)}
+PATTERNS: dict[str, Pattern] = {p.name: p for p in (qk_norm_rope.PATTERN, rope.PATTERN, causal_attention.PATTERN,
+                                              sliding_attention.PATTERN, layer_norm.PATTERN)}
 
 __all__ = ["PATTERNS", "Match", "Pattern"]

@@ -8,7 +8,7 @@ the graph and never assumed. Every other constant in the search function must ma
 """
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.fx
@@ -50,41 +50,45 @@ class Match:
 class Pattern:
     """A named fusion: ``search`` (the math as HF writes it), ``check`` and ``replace``.
 
+    ``search`` is one function, or a tuple of variants where HF spells the same computation in more than one
+    way (e.g. attention with and without ``repeat_kv``); each variant is matched in turn.
     ``check(match)`` returns None when the replacement is exact for this match, else the reason it is not (the
     report lists these as near misses). ``replace(match)`` is called with the graph's insert point set and
     returns the node (or tuple of nodes) that takes the place of the search function's output(s).
     """
 
     name: str
-    search: Callable
+    search: Union[Callable, tuple[Callable, ...]]
     replace: Callable[[Match], Any]
     check: Callable[[Match], Optional[str]]
     literals: tuple[str, ...] = field(default=())
 
     @cached_property
-    def graph(self) -> torch.fx.Graph:
-        graph = torch.fx.symbolic_trace(self.search).graph
-        normalize_graph(graph)
-        graph.eliminate_dead_code()
-        return graph
+    def variants(self) -> list[torch.fx.Graph]:
+        searches = self.search if isinstance(self.search, tuple) else (self.search,)
+        graphs = []
+        for fn in searches:
+            graph = torch.fx.symbolic_trace(fn).graph
+            normalize_graph(graph)
+            graph.eliminate_dead_code()
+            graphs.append(graph)
+        return graphs
 
-    @cached_property
-    def arg_names(self) -> list[str]:
-        return [n.target for n in self.graph.nodes if n.op == "placeholder"]
-
-    def find(self, graph: torch.fx.Graph) -> list[Match]:
-        """Every non-overlapping occurrence whose tensor inputs are graph nodes and literals are constants."""
-        matcher = SubgraphMatcher(self.graph, match_output=False, match_placeholder=False,
+    def find(self, graph: torch.fx.Graph, variant: torch.fx.Graph) -> list[Match]:
+        """Every non-overlapping occurrence of one variant whose tensor inputs are graph nodes and whose
+        literal inputs are constants."""
+        matcher = SubgraphMatcher(variant, match_output=False, match_placeholder=False,
                                   remove_overlapping_matches=True, ignore_literals=False)
         found = []
         for internal in matcher.match(graph):
-            match = self._to_match(graph, internal)
+            match = self._to_match(graph, variant, internal)
             if match is not None:
                 found.append(match)
         return found
 
-    def _to_match(self, graph: torch.fx.Graph, internal: InternalMatch) -> Optional[Match]:
-        by_name = {pn.target: internal.nodes_map[pn] for pn in self.pattern_placeholders(internal)}
+    def _to_match(self, graph: torch.fx.Graph, variant: torch.fx.Graph, internal: InternalMatch) -> Optional[Match]:
+        by_name = {pn.target: internal.nodes_map[pn] for pn in variant.nodes
+                   if pn.op == "placeholder" and pn in internal.nodes_map}
         for name, bound in by_name.items():
             if (name in self.literals) == isinstance(bound, torch.fx.Node):
                 return None  # a tensor input bound to a constant, or a literal bound to a computed value
@@ -92,6 +96,3 @@ class Pattern:
         nodes = [gn for pn, gn in internal.nodes_map.items()
                  if pn.op not in ("placeholder", "output") and isinstance(gn, torch.fx.Node) and gn not in inputs]
         return Match(self, graph, by_name, list(internal.returning_nodes), nodes)
-
-    def pattern_placeholders(self, internal: InternalMatch) -> list[torch.fx.Node]:
-        return [pn for pn in self.graph.nodes if pn.op == "placeholder" and pn in internal.nodes_map]

@@ -1,0 +1,162 @@
+"""Kernel benchmarks: each torch.ops.cohere_fx op against the HF math it replaces.
+
+eager: the HF code itself (CohereLayerNorm, apply_rotary_pos_emb) or HF's loss math, on the tensors the HF
+graph hands it; inductor: torch.compile of that same function (what inductor makes of the math); cohere_fx:
+the op. Forward alone and forward + backward (torch.autograd.grad with fixed output gradients). What each
+system returns, the outputs or the input gradients, is checked against eager once (``rel_err`` =
+||out - ref|| / ||ref||, worst tensor): a fast wrong kernel must not look like a win.
+
+Bytes (the GB/s column) are the minimum traffic: forward reads every input and writes every output; the
+backward reads the inputs again and the output gradients, and writes the input gradients.
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from cohere_fx.bench.models import Shape, config_for
+from cohere_fx.bench.systems import run_systems
+from cohere_fx.bench.timing import device_limits, measure
+from cohere_fx.bench.workloads import limit_ms, rates
+
+KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy")
+IGNORE_INDEX = -100
+
+
+class _NormState:
+    """What CohereLayerNorm.forward reads from its module (a plain class: Dynamo traces its construction without
+    a graph break, which SimpleNamespace would cause)."""
+
+    def __init__(self, weight, eps):
+        self.weight, self.variance_epsilon = weight, eps
+
+
+def _hf_norm(x, weight, eps):
+    """CohereLayerNorm.forward itself, run on the benchmark's own weight tensor (a leaf we take gradients of)."""
+    from transformers.models.cohere.modeling_cohere import CohereLayerNorm
+
+    return CohereLayerNorm.forward(_NormState(weight, eps), x)
+
+
+def _case(name, shape: Shape, config, batch, seq, device, dtype):
+    """(inputs, indices of differentiable inputs, HF reference fn, fn calling the op)."""
+    from transformers.models.cohere.modeling_cohere import CohereRotaryEmbedding, apply_rotary_pos_emb
+
+    def rand(*size, dt=dtype):
+        return torch.randn(*size, device=device, dtype=dt)
+
+    eps = config.layer_norm_eps
+    ops = torch.ops.cohere_fx
+    if name == "layer_norm":
+        x, w = rand(batch, seq, shape.hidden), 1 + 0.1 * rand(shape.hidden)
+        return [x, w], [0, 1], lambda x, w: _hf_norm(x, w, eps), lambda x, w: ops.layer_norm(x, w, eps)
+    if name == "scaled_cross_entropy":
+        rows = batch * seq
+        labels = torch.randint(0, shape.vocab, (rows,), device=device)
+        labels[::16] = IGNORE_INDEX  # some ignored rows, as padding and the shifted last token give
+        scale = config.logit_scale
+        return ([rand(rows, shape.vocab), labels], [0],
+                lambda z, y: F.cross_entropy((z * scale).float(), y, ignore_index=IGNORE_INDEX, reduction="none"),
+                lambda z, y: ops.scaled_cross_entropy(z, y, scale, IGNORE_INDEX)[0])
+    # q, k as q_proj/k_proj(h).view(B, S, heads, D): the tensors the HF graph hands to q_norm (or transposes).
+    q, k = rand(batch, seq, shape.heads, shape.head_dim), rand(batch, seq, shape.kv_heads, shape.head_dim)
+    positions = torch.arange(seq, device=device)[None].expand(batch, seq)
+    with torch.device(device):
+        cos, sin = CohereRotaryEmbedding(config)(q, positions)
+    if name == "rope":
+        return ([q, k, cos, sin], [0, 1],
+                lambda q, k, c, s: apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), c, s),
+                lambda q, k, c, s: ops.rope(q, k, c, s))
+    qw, kw = 1 + 0.1 * rand(shape.heads, shape.head_dim), 1 + 0.1 * rand(shape.kv_heads, shape.head_dim)
+
+    def reference(q, k, c, s, qw, kw):
+        q, k = _hf_norm(q, qw, eps).transpose(1, 2), _hf_norm(k, kw, eps).transpose(1, 2)
+        return apply_rotary_pos_emb(q, k, c, s)
+
+    return ([q, k, cos, sin, qw, kw], [0, 1, 4, 5], reference,
+            lambda q, k, c, s, qw, kw: ops.qk_norm_rope(q, k, c, s, qw, kw, eps))
+
+
+def _as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _rel_err(outs, refs) -> float:
+    worst = 0.0
+    for out, ref in zip(outs, refs):
+        if out.shape != ref.shape:
+            raise RuntimeError(f"output shape {tuple(out.shape)} differs from the HF reference's {tuple(ref.shape)}")
+        ref = ref.double()
+        worst = max(worst, ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item())
+    return worst
+
+
+def _op_available(name):
+    """None, or why torch.ops.cohere_fx.<name> cannot be run."""
+    try:
+        import cohere_fx.ops  # noqa: F401 - registers the ops
+    except Exception as e:  # noqa: BLE001
+        return f"import cohere_fx.ops failed: {type(e).__name__}: {e}"
+    if not hasattr(torch.ops.cohere_fx, name):
+        return f"op cohere_fx::{name} is not registered (not in cohere_fx.ops yet)"
+    return None
+
+
+def kernels(args) -> dict:
+    config = config_for(args.preset, args.layers, args.model, args.attn)
+    shape = Shape.of(config)
+    limits = device_limits(args.device, args.dtype)
+    torch.manual_seed(args.seed)
+    cases = []
+    for name in args.kernels:
+        inputs, diff, reference, op = _case(name, shape, config, args.batch, args.seq, args.device, args.dtype)
+        with torch.no_grad():
+            refs = _as_tuple(reference(*inputs))
+        missing = _op_available(name)
+        if missing:
+            print(f"[kernels] {name}: cohere_fx skipped: {missing}", file=sys.stderr)
+        for direction in args.directions:
+            backward = direction == "fwd+bwd"
+            grads_out = [torch.randn_like(r) for r in refs] if backward else []
+            leaves = [t.detach().requires_grad_(backward and i in diff) for i, t in enumerate(inputs)]
+            wrt = [leaves[i] for i in diff]
+            nbytes = _nbytes(inputs) + _nbytes(refs)
+            if backward:
+                nbytes += _nbytes(inputs) + _nbytes(grads_out) + _nbytes(wrt)
+
+            def run(fn):
+                """The outputs (fwd) or the input gradients (fwd+bwd): what is timed is what is checked."""
+                if backward:
+                    return _as_tuple(torch.autograd.grad(fn(*leaves), wrt, grads_out))
+                with torch.no_grad():
+                    return _as_tuple(fn(*leaves))
+
+            expected = run(reference)
+
+            def bench_one(system):
+                if system == "cohere_fx" and missing:
+                    raise RuntimeError(missing)
+                fn = {"eager": reference, "inductor": torch.compile(reference), "cohere_fx": op}[system]
+                label = f"{name} {direction} {system}"
+                result = measure(lambda: run(fn), args.device, args.iters, args.warmup, label)
+                if system != "eager":  # after timing, so that the first timed call is the one that compiles
+                    result["rel_err"] = _rel_err(run(fn), expected)
+                return {**result, **rates(0, nbytes, result["ms"], limits)}
+
+            results = run_systems(args.systems, bench_one, args.device, f"kernels {name} {direction}",
+                                  compiled=("inductor",))
+            cases.append({"name": f"{name} {direction}", "metric": "ms", "results": results,
+                          "limit": limit_ms(0, nbytes, limits),
+                          "params": {"shapes": [list(t.shape) for t in inputs], "bytes": nbytes}})
+    return {"workload": "kernels", "model": {"preset": None if args.model else args.preset, "path": args.model,
+                                              "hidden": shape.hidden, "heads": shape.heads,
+                                              "kv_heads": shape.kv_heads, "head_dim": shape.head_dim,
+                                              "vocab": shape.vocab},
+            "limits": limits,
+            "params": {"batch": args.batch, "seq": args.seq, "kernels": list(args.kernels),
+                       "directions": list(args.directions)},
+            "cases": cases}

@@ -1,0 +1,82 @@
+"""The systems compared (eager HF, inductor, cohere_fx) and the loop that runs each one in isolation.
+
+Each system starts from torch._dynamo.reset() and ends with its objects freed, so no system inherits another's
+compiled code or cached memory; a failure is recorded as that system's error and the next system still runs.
+Only the cohere_fx system touches the backend (through the torch_dynamo_backends entry point).
+"""
+import json
+import sys
+import traceback
+
+import torch
+
+from cohere_fx.bench.timing import free_memory
+
+SYSTEMS = ("eager", "inductor", "cohere_fx")
+
+
+def parse_systems(text: str) -> list:
+    systems = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise ValueError(f"--compare: unknown system(s) {unknown}; choose from {','.join(SYSTEMS)}")
+    return systems
+
+
+def backend_options(args) -> dict:
+    """options= for backend="cohere_fx": --no-inductor, --passes, and any --option KEY=VALUE (VALUE is JSON
+    when it parses as JSON, else a string). Only what was asked for is passed; the backend owns the defaults."""
+    options = {}
+    if args.no_inductor:
+        options["inductor"] = False
+    if args.passes:
+        options["passes"] = [p.strip() for p in args.passes.split(",") if p.strip()]
+    for item in args.option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--option wants KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def compile_model(model, system: str, options: dict):
+    if system == "eager":
+        return model
+    if system == "inductor":
+        return torch.compile(model)
+    return torch.compile(model, backend="cohere_fx", options=options or None)
+
+
+def describe(system: str, options: dict) -> str:
+    """How the system was built, as the record states it."""
+    return {"eager": "HF eager (no compile)",
+            "inductor": "torch.compile(model)",
+            "cohere_fx": f"torch.compile(model, backend='cohere_fx', options={options!r})"}[system]
+
+
+def run_systems(systems, bench_one, device: torch.device, label: str, compiled=("inductor", "cohere_fx")) -> dict:
+    """{system: bench_one(system)} or {system: {"error": ...}} when it raised. The ``compiled`` systems also get
+    the number of graphs Dynamo compiled and of graph breaks (a decode that never reached the backend shows 0)."""
+    from torch._dynamo.utils import counters
+
+    results = {}
+    for system in systems:
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            results[system] = bench_one(system)
+            if system in compiled:
+                results[system]["graphs"] = counters["stats"]["unique_graphs"]
+                results[system]["graph_breaks"] = sum(counters["graph_break"].values())
+        except Exception as e:  # noqa: BLE001 - any failure of one system is that system's result
+            traceback.print_exc(file=sys.stderr)
+            results[system] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        torch._dynamo.reset()
+        free_memory(device)
+        result = results[system]
+        print(f"[{label}] {system}: " + (f"error: {result['error'][:200]}" if "error" in result else
+                                         f"{result['ms']:.3f} ms"), file=sys.stderr, flush=True)
+    return results

@@ -1,0 +1,144 @@
+"""Timing, peak memory, device limits and run metadata shared by every workload.
+
+Timed as the anchors do: CUDA events around each call, warm-up calls first, the median (``sorted[n // 2]``) of
+the timed calls; ``time.perf_counter`` on the CPU. The first call is timed apart, with a host clock: for a
+compiled system it holds the compile, which is reported as such and kept out of the steady-state numbers.
+"""
+import datetime
+import gc
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+# Physical limits per device (a substring of torch.cuda.get_device_name), for bf16 runs: (bytes/s, FLOP/s, source).
+# Measured values, not spec sheets: the percentage should say how close a run is to what the chip really does.
+DEVICE_LIMITS = {
+    "H100 80GB HBM3": (3.0e12, 800e12, "measured on an H100 80GB HBM3: device copy 3.0 TB/s, bf16 GEMM 800 TFLOP/s"),
+}
+
+
+def _measure_limits(device: torch.device, dtype: torch.dtype) -> tuple[float, float, str]:
+    """Fallback for devices not in DEVICE_LIMITS: a 1 GiB copy and an 8192^3 GEMM, best of 5 (about a second)."""
+    def best_ms(fn):
+        fn()
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return min(times)
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() / (best_ms(lambda: dst.copy_(src)) / 1e3)  # read + write
+    del src, dst
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n ** 3 / (best_ms(lambda: a @ b) / 1e3)
+    return bandwidth, flops, f"measured at run start: 1 GiB device copy, {n}^3 {dtype} GEMM"
+
+
+def device_limits(device: torch.device, dtype: torch.dtype) -> dict:
+    """{"bytes_per_s", "flops", "source"} for a CUDA device; {} on the CPU (no percentages there)."""
+    if device.type != "cuda":
+        return {}
+    name = torch.cuda.get_device_name(device)
+    hit = next((v for k, v in DEVICE_LIMITS.items() if k in name), None)
+    bandwidth, flops, source = hit if hit and dtype == torch.bfloat16 else _measure_limits(device, dtype)
+    return {"bytes_per_s": bandwidth, "flops": flops, "source": source}
+
+
+def _version(module: str):
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken: the record says so instead of failing the run
+        return None
+
+
+def _git_revision():
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """What a reader needs to reproduce or discount a number."""
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
+    return {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "bitsandbytes": _version("bitsandbytes") if "bitsandbytes" in sys.modules else None,
+        "python": platform.python_version(),
+        "git": _git_revision(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def progress(label: str, done: int, total: int) -> None:
+    """A plain-text progress bar on stderr (redrawn in place on a terminal, one line per call in a log)."""
+    width = 20
+    fill = width * done // max(total, 1)
+    line = f"[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {label}"
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + ("\n" if done >= total else ""))
+    else:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def measure(fn, device: torch.device, iters: int, warmup: int, label: str) -> dict:
+    """Times ``fn()``: the first call apart (compile), then ``warmup`` calls, then the median of ``iters`` calls.
+
+    Returns ms (median), ms_all, first_call_s and, on CUDA, peak_gib: torch.cuda.max_memory_allocated over the
+    warm-up and timed calls (the first call's compile-time allocations are not counted).
+    """
+    cuda = device.type == "cuda"
+    total = 1 + warmup + iters
+    progress(f"{label}: first call", 0, total)
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    first_call_s = time.perf_counter() - start
+    progress(f"{label}: first call {first_call_s:.1f} s", 1, total)
+    for i in range(warmup):
+        fn()
+        progress(f"{label}: warm-up", 2 + i, total)
+    times = []
+    for i in range(iters):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+        progress(f"{label}: {times[-1]:.2f} ms", 1 + warmup + 1 + i, total)
+    out = {"ms": sorted(times)[len(times) // 2], "ms_all": times, "first_call_s": first_call_s}
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,130 @@
+"""Cross-entropy over logit-scaled rows in Triton: forward (loss + logsumexp) and backward (dlogits).
+
+Cohere's head computes ``logits * logit_scale`` in the activation dtype and the HF loss upcasts that to fp32:
+with a 256 000-word vocabulary, the scaled copy, its fp32 upcast and the fp32 softmax gradient cost several
+GB per step. Here each program owns one row and walks it in BLOCK_V-wide blocks with an online max/sum, so
+nothing row-sized is ever held: the forward reads the unscaled logits once and writes two floats per row; the
+backward reads them once more and writes dlogits once (in place, if asked to). Both kernels reproduce HF's
+rounding of the scaled logits to the logits' dtype before the fp32 upcast, so bf16 losses match HF's.
+"""
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _scaled(x, scale):
+    """HF's ``(logits * scale).float()``: the fp32 product rounded to the logits' dtype, then upcast."""
+    y = x.to(tl.float32) * scale
+    if x.dtype == tl.bfloat16:
+        # Round to nearest even on the bits: Triton's interpreter truncates fp32 -> bf16 casts, and this way the
+        # CPU tests check the very numbers the GPU computes (a few integer ops on a memory-bound kernel).
+        b = y.to(tl.uint32, bitcast=True)
+        y = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16 << 16).to(tl.float32, bitcast=True)
+    elif x.dtype == tl.float16:
+        y = y.to(tl.float16).to(tl.float32)
+    return y
+
+
+# V is a constexpr (one compile per vocabulary size): Triton's interpreter cannot ``range`` over a runtime int
+# argument under numpy 2, and a known trip count costs nothing on the GPU.
+@triton.jit
+def _ce_fwd_kernel(LOGITS, LABELS, LOSS, LSE, stride_row, scale, ignore_index, V: tl.constexpr,
+                   BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_row
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.where(mask, _scaled(tl.load(base + cols, mask=mask, other=0.0), scale), float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    label = tl.load(LABELS + row)
+    valid = label != ignore_index
+    z_label = _scaled(tl.load(base + tl.where(valid, label, 0)), scale)
+    tl.store(LSE + row, lse)
+    tl.store(LOSS + row, tl.where(valid, lse - z_label, 0.0))
+
+
+@triton.jit
+def _ce_bwd_kernel(DLOGITS, LOGITS, LABELS, LSE, DLOSS, stride_row, stride_drow, stride_dloss, scale,
+                   ignore_index, V: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(LABELS + row)
+    lse = tl.load(LSE + row)
+    coef = tl.where(label != ignore_index, tl.load(DLOSS + row * stride_dloss).to(tl.float32) * scale, 0.0)
+    base = LOGITS + row * stride_row
+    dbase = DLOGITS + row * stride_drow
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        p = tl.exp(_scaled(tl.load(base + cols, mask=mask, other=0.0), scale) - lse)
+        g = coef * (p - tl.where(cols == label, 1.0, 0.0))
+        tl.store(dbase + cols, g.to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+def _launch_config(v: int, block_v: int | None) -> tuple[int, int]:
+    block_v = block_v or min(triton.next_power_of_2(v), MAX_BLOCK_V)
+    return block_v, max(1, min(16, block_v // 512))
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"cross_entropy: logits must be [N, V] with unit column stride, got "
+                         f"shape {tuple(logits.shape)} strides {logits.stride()}")
+    if labels.shape != logits.shape[:1] or labels.dtype != torch.int64:
+        raise ValueError(f"cross_entropy: labels must be int64 [{logits.shape[0]}], got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+
+
+def cross_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
+                      block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, lse), both fp32 [N]: lse = logsumexp(z), loss = lse - z[label] (0 where label == ignore_index),
+    z = (logits * scale) rounded to logits' dtype. Labels outside [0, V) other than ignore_index are not checked.
+    """
+    _check(logits, labels)
+    n, v = logits.shape
+    loss = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        block_v, num_warps = _launch_config(v, block_v)
+        with _on_device(logits):
+            _ce_fwd_kernel[(n,)](logits, labels.contiguous(), loss, lse, logits.stride(0), float(scale),
+                                 int(ignore_index), V=v, BLOCK_V=block_v, num_warps=num_warps)
+    return loss, lse
+
+
+def cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                      scale: float, ignore_index: int, out: torch.Tensor | None = None,
+                      block_v: int | None = None) -> torch.Tensor:
+    """dlogits = dloss[row] * scale * (softmax(z) - onehot(label)), 0 on ignored rows, in logits' dtype.
+
+    ``dloss`` may have any stride (an expanded scalar has stride 0). ``out`` may be ``logits`` itself: each
+    element is read before it is overwritten by the same program, so the gradient can replace the logits.
+    """
+    _check(logits, labels)
+    n, v = logits.shape
+    out = torch.empty_like(logits, memory_format=torch.contiguous_format) if out is None else out
+    if dloss.shape != (n,):
+        raise ValueError(f"cross_entropy: dloss must be [{n}], got {tuple(dloss.shape)}")
+    if out.shape != logits.shape or out.stride(1) != 1 or out.dtype != logits.dtype:
+        raise ValueError("cross_entropy: out must match logits' shape and dtype with unit column stride")
+    if n:
+        block_v, num_warps = _launch_config(v, block_v)
+        with _on_device(logits):
+            _ce_bwd_kernel[(n,)](out, logits, labels.contiguous(), lse.contiguous(), dloss, logits.stride(0),
+                                 out.stride(0), dloss.stride(0), float(scale), int(ignore_index),
+                                 V=v, BLOCK_V=block_v, num_warps=num_warps)
+    return out

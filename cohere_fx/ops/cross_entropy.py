@@ -1,0 +1,199 @@
+"""Cohere's logit-scaled cross-entropy as ops: per-token loss from logits, and fused linear cross-entropy.
+
+HF computes ``logits = lm_head(h) * logit_scale`` in the activation dtype, upcasts to fp32 and runs
+``F.cross_entropy``; at a 256 000-word vocabulary the scaled copy, the fp32 copy and the fp32 gradient cost
+several GB. ``scaled_cross_entropy`` takes the unscaled logits and never builds a row-sized temporary; it
+returns the per-row logsumexp as a second, non-differentiable output so the backward reads the logits once.
+
+``linear_cross_entropy`` goes further and never builds the [N, V] logits: rows are processed in chunks whose
+logits fit ``CHUNK_BYTES``; each chunk's gradient replaces its logits in place and is folded straight into
+the hidden and weight gradients, which are therefore computed during the forward and only scaled by the
+incoming scalar gradient in the backward. Whether they are computed is decided where it can be known: the
+public op is CompositeImplicitAutograd, so it runs at the autograd layer (eager, or aot_autograd's joint
+trace), reads ``requires_grad`` of hidden and weight there and passes two flags to the forward op. A frozen
+head (LoRA) therefore costs no weight-gradient GEMM and no [V, H] buffer.
+
+Memory of ``linear_cross_entropy`` beyond its inputs: one chunk of logits (<= CHUNK_BYTES, at least one row),
+fp32 [N] loss and lse, and, when needed, grad_hidden [N, H] in hidden's dtype and grad_weight [V, H] in
+weight's dtype, both held from forward to backward (the backward's scaled copies exist briefly beside them).
+grad_weight is accumulated in weight's dtype: every chunk's GEMM accumulates in fp32 and rounds once when it
+adds into the buffer, so a bf16 weight gets one bf16 rounding per chunk instead of a 4-byte [V, H]
+accumulator (4 GB at 256 000 x 4096).
+"""
+import torch
+from torch import Tensor
+
+from cohere_fx.kernels import runs_on_triton
+
+# Logits bytes per chunk of linear_cross_entropy: 512 MiB is 1024 rows of a 256 000-word bf16 vocabulary,
+# enough rows for the head GEMMs to run at full rate.
+CHUNK_BYTES = 512 << 20
+
+
+def scaled_cross_entropy_reference(logits: Tensor, labels: Tensor, scale: float,
+                                   ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(loss, lse) in fp32 with HF's rounding: ``z = (logits * scale).float()``, loss 0 on ignored rows."""
+    z = (logits * scale).float()
+    lse = z.logsumexp(-1)
+    valid = labels != ignore_index
+    z_label = z.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    return torch.where(valid, lse - z_label, 0.0), lse
+
+
+def scaled_cross_entropy_backward_reference(dloss: Tensor, logits: Tensor, labels: Tensor, lse: Tensor,
+                                            scale: float, ignore_index: int) -> Tensor:
+    """dlogits = dloss * scale * (softmax(z) - onehot(label)), 0 on ignored rows, in logits' dtype."""
+    valid = labels != ignore_index
+    g = torch.exp((logits * scale).float() - lse[:, None])
+    g[torch.arange(len(labels), device=labels.device), torch.where(valid, labels, 0)] -= 1.0
+    return (g * torch.where(valid, dloss.float() * scale, 0.0)[:, None]).to(logits.dtype)
+
+
+def _ce_forward(logits, labels, scale, ignore_index):
+    if runs_on_triton(logits):
+        from cohere_fx.kernels.cross_entropy import cross_entropy_fwd
+
+        return cross_entropy_fwd(logits, labels, scale, ignore_index)
+    return scaled_cross_entropy_reference(logits, labels, scale, ignore_index)
+
+
+def _ce_backward(dloss, logits, labels, lse, scale, ignore_index, out):
+    if runs_on_triton(logits):
+        from cohere_fx.kernels.cross_entropy import cross_entropy_bwd
+
+        return cross_entropy_bwd(dloss, logits, labels, lse, scale, ignore_index, out=out)
+    return out.copy_(scaled_cross_entropy_backward_reference(dloss, logits, labels, lse, scale, ignore_index))
+
+
+@torch.library.custom_op("cohere_fx::scaled_cross_entropy", mutates_args=())
+def scaled_cross_entropy(logits: Tensor, labels: Tensor, scale: float,
+                         ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """(loss, lse), fp32 [N]: the per-token loss of ``cross_entropy((logits * scale).float(), labels)`` and
+    the row logsumexp (the latter not differentiable). logits [N, V] unscaled, unit column stride; labels [N]
+    int64. Labels outside [0, V) other than ignore_index are not checked on the Triton path.
+    """
+    return _ce_forward(logits, labels, scale, ignore_index)
+
+
+@scaled_cross_entropy.register_fake
+def _(logits, labels, scale, ignore_index=-100):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("cohere_fx::scaled_cross_entropy_backward", mutates_args=())
+def scaled_cross_entropy_backward(dloss: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, scale: float,
+                                  ignore_index: int) -> Tensor:
+    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return _ce_backward(dloss, logits, labels, lse, scale, ignore_index, out)
+
+
+@scaled_cross_entropy_backward.register_fake
+def _(dloss, logits, labels, lse, scale, ignore_index):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _sce_setup_context(ctx, inputs, output):
+    logits, labels, scale, ignore_index = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, labels, lse)
+    ctx.scale, ctx.ignore_index = scale, ignore_index
+
+
+def _sce_backward(ctx, dloss, _dlse):
+    logits, labels, lse = ctx.saved_tensors
+    return scaled_cross_entropy_backward(dloss, logits, labels, lse, ctx.scale, ctx.ignore_index), None, None, None
+
+
+scaled_cross_entropy.register_autograd(_sce_backward, setup_context=_sce_setup_context)
+
+
+def _chunk_rows(vocab: int, itemsize: int) -> int:
+    rows = max(1, CHUNK_BYTES // (vocab * itemsize))
+    return rows - rows % 128 if rows >= 128 else rows  # whole GEMM tiles
+
+
+def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, scale: float, ignore_index: int,
+                                 grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss_sum, d loss_sum / d hidden, d loss_sum / d weight); a gradient not asked for is an empty tensor."""
+    n, v = hidden.shape[0], weight.shape[0]
+    rows = min(n, _chunk_rows(v, hidden.element_size()))
+    buf = hidden.new_empty((rows, v))
+    loss = hidden.new_empty(n, dtype=torch.float32)
+    ones = hidden.new_ones((), dtype=torch.float32).expand(rows)
+    dhidden = hidden.new_empty(hidden.shape if grad_hidden else (0,))
+    dweight = weight.new_empty(weight.shape if grad_weight else (0,))
+    if grad_weight and n == 0:
+        dweight.zero_()  # otherwise the first chunk's GEMM writes it whole
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h, y = hidden[start:end], labels[start:end]
+        logits = torch.mm(h, weight.t(), out=buf[: end - start])
+        chunk_loss, lse = _ce_forward(logits, y, scale, ignore_index)
+        loss[start:end] = chunk_loss
+        if grad_hidden or grad_weight:
+            dlogits = _ce_backward(ones[: end - start], logits, y, lse, scale, ignore_index, out=logits)
+            if grad_hidden:
+                torch.mm(dlogits, weight, out=dhidden[start:end])
+            if grad_weight and start == 0:
+                torch.mm(dlogits.t(), h, out=dweight)
+            elif grad_weight:
+                dweight.addmm_(dlogits.t(), h)
+    return loss.sum(), dhidden, dweight
+
+
+@torch.library.custom_op("cohere_fx::linear_cross_entropy_forward", mutates_args=())
+def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, labels: Tensor, scale: float, ignore_index: int,
+                                 grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss sum and, where flagged, its gradients; see ``linear_cross_entropy``."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or hidden.dtype != weight.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden [N, H] and weight [V, H] of one dtype expected, got "
+                         f"{hidden.dtype} {tuple(hidden.shape)} and {weight.dtype} {tuple(weight.shape)}")
+    return linear_cross_entropy_chunked(hidden, weight, labels, scale, ignore_index, grad_hidden, grad_weight)
+
+
+@linear_cross_entropy_forward.register_fake
+def _(hidden, weight, labels, scale, ignore_index, grad_hidden, grad_weight):
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(hidden.shape if grad_hidden else (0,)),
+            weight.new_empty(weight.shape if grad_weight else (0,)))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    *_, grad_hidden, grad_weight = inputs
+    _, dhidden, dweight = output
+    ctx.mark_non_differentiable(dhidden, dweight)
+    ctx.save_for_backward(dhidden, dweight)
+    ctx.computed = (grad_hidden, grad_weight)
+
+
+def _lce_backward(ctx, dloss, _ddhidden, _ddweight):
+    grads = []
+    for name, needed, computed, g in zip(("hidden", "weight"), ctx.needs_input_grad, ctx.computed, ctx.saved_tensors):
+        if needed and not computed:
+            raise RuntimeError(f"linear_cross_entropy_forward: the gradient of {name} is needed but the forward "
+                               f"ran with grad_{name}=False")
+        grads.append(g * dloss if needed else None)
+    return *grads, None, None, None, None, None
+
+
+linear_cross_entropy_forward.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+_lib = torch.library.Library("cohere_fx", "FRAGMENT")
+_lib.define("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, float scale, "
+            "int ignore_index=-100) -> Tensor")
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, scale: float,
+                         ignore_index: int = -100) -> Tensor:
+    """fp32 sum over tokens of ``cross_entropy((hidden @ weight.T * scale).float(), labels)``, 0 for ignored
+    labels; HF's 'mean' is this sum over the count of non-ignored labels. hidden [N, H], weight [V, H] (the
+    tied embedding), labels [N] int64 already shifted. The [N, V] logits are never materialised.
+    """
+    grad = torch.is_grad_enabled()
+    loss, _, _ = torch.ops.cohere_fx.linear_cross_entropy_forward(
+        hidden, weight, labels, scale, ignore_index, grad and hidden.requires_grad, grad and weight.requires_grad)
+    return loss
+
+
+_lib.impl("linear_cross_entropy", linear_cross_entropy, "CompositeImplicitAutograd")
