@@ -99,11 +99,29 @@ def progress(label: str, done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-def measure(fn, device: torch.device, iters: int, warmup: int, label: str) -> dict:
+def _graphed(fn, device: torch.device):
+    """``fn`` captured in a CUDA graph (replayed by the returned callable), or None if it cannot be captured."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        return None
+    return graph.replay
+
+
+def measure(fn, device: torch.device, iters: int, warmup: int, label: str, cuda_graph: bool = False) -> dict:
     """Times ``fn()``: the first call apart (compile), then ``warmup`` calls, then the median of ``iters`` calls.
 
-    Returns ms (median), ms_all, first_call_s and, on CUDA, peak_gib: torch.cuda.max_memory_allocated over the
-    warm-up and timed calls (the first call's compile-time allocations are not counted).
+    ``cuda_graph``: time replays of ``fn`` captured in a CUDA graph, so that what is measured is the GPU work and
+    not Python's launch overhead (used for kernels of tens of microseconds; every system is timed the same way).
+    Returns ms (median), ms_all, first_call_s, timing ("cuda graph" or "eager launches") and, on CUDA, peak_gib:
+    torch.cuda.max_memory_allocated over the warm-up and timed calls (the compile's allocations not counted).
     """
     cuda = device.type == "cuda"
     total = 1 + warmup + iters
@@ -118,6 +136,11 @@ def measure(fn, device: torch.device, iters: int, warmup: int, label: str) -> di
     for i in range(warmup):
         fn()
         progress(f"{label}: warm-up", 2 + i, total)
+    timing = "eager launches"
+    if cuda and cuda_graph:
+        replay = _graphed(fn, device)
+        if replay is not None:
+            fn, timing = replay, "cuda graph"
     times = []
     for i in range(iters):
         if cuda:
@@ -132,7 +155,7 @@ def measure(fn, device: torch.device, iters: int, warmup: int, label: str) -> di
             fn()
             times.append((time.perf_counter() - begin) * 1e3)
         progress(f"{label}: {times[-1]:.2f} ms", 1 + warmup + 1 + i, total)
-    out = {"ms": sorted(times)[len(times) // 2], "ms_all": times, "first_call_s": first_call_s}
+    out = {"ms": sorted(times)[len(times) // 2], "ms_all": times, "first_call_s": first_call_s, "timing": timing}
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return out
