@@ -27,8 +27,8 @@ status=0
 for stage in "$@"; do
   echo "=== $stage ==="
   case "$stage" in
-    tests)   python -m pytest -q -p no:cacheprovider tests/test_layer_norm_kernel.py tests/test_qk_norm_rope.py \
-               tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py 2>&1 | tail -25 ;;
+    tests)   python -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_layer_norm_kernel.py tests/test_qk_norm_rope.py \
+               tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
     kernels) python -m cohere_fx.bench kernels --out "$out" ;;
     prefill) python -m cohere_fx.bench prefill --out "$out" ;;
     train)   python -m cohere_fx.bench train --mode full --out "$out" ;;

@@ -8,7 +8,10 @@ from cohere_fx.kernels.paged_attention import paged_attention_fwd
 from cohere_fx.ops.paged_attention import paged_attention_reference
 
 
-def make_inputs(lens, heads, kv_heads, head_dim, block_size, dtype=torch.float32, device="cpu", spare_blocks=3):
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU runs the kernel in Triton's interpreter
+
+
+def make_inputs(lens, heads, kv_heads, head_dim, block_size, dtype=torch.float32, device=DEVICE, spare_blocks=3):
     """Random pools; each sequence's pages scattered over the pool (shuffled ids), a spare table column."""
     batch = len(lens)
     width = max(-(-n // block_size) for n in lens) + 1

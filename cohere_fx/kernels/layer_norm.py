@@ -22,7 +22,7 @@ def _layer_norm_fwd_kernel(X, W, Y, stride_x, N, eps, BLOCK_N: tl.constexpr):
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
+    mean = tl.math.div_rn(tl.sum(x, axis=0), tl.full([], N, tl.float32))  # exact, as torch.mean
     d = tl.where(mask, x - mean, 0.0)
     rstd = tl.math.rsqrt(tl.sum(d * d, axis=0) / N + eps)
     y = w * (d * rstd)
@@ -45,7 +45,7 @@ def _layer_norm_bwd_kernel(DY, X, W, DX, DW_PARTIAL, stride_dy, stride_x, M, N, 
     while row < row_end:
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / N
+        mean = tl.math.div_rn(tl.sum(x, axis=0), tl.full([], N, tl.float32))  # exact, as torch.mean
         d = tl.where(mask, x - mean, 0.0)
         rstd = tl.math.rsqrt(tl.sum(d * d, axis=0) / N + eps)
         xhat = d * rstd
