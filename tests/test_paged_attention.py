@@ -61,7 +61,7 @@ def test_kernel_matches_dense_fp64(case, parts):
     out = paged_attention_fwd(*args, 0.3, window, parts=parts, tile_n=16)
     ref = dense_reference(*args, 0.3, window)
     assert out.dtype == torch.float32 and out.shape == ref.shape
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["gqa", "window"])
@@ -85,14 +85,14 @@ def test_op_bf16_on_cpu():
 def test_torch_reference_matches_dense_fp64(case):
     heads, kv_heads, head_dim, window, lens = CASES[case]
     args = make_inputs(lens, heads, kv_heads, head_dim, block_size=4, dtype=torch.float64)
-    torch.testing.assert_close(paged_attention_reference(*args, 0.3, window), dense_reference(*args, 0.3, window))
+    torch.testing.assert_close(paged_attention_reference(*args, 0.3, window).cpu(), dense_reference(*args, 0.3, window))
 
 
 def test_op_noncontiguous_q_and_opcheck():
     q, k_pool, v_pool, tables, lens = make_inputs([5, 12], 4, 2, 16, block_size=4)
     q_strided = torch.randn(2, 16, 4).transpose(1, 2)  # [B, H, D] with head_dim not innermost
     out = torch.ops.cohere_fx.paged_attention(q_strided, k_pool, v_pool, tables, lens, 0.25, 0)
-    torch.testing.assert_close(out.double(), dense_reference(q_strided, k_pool, v_pool, tables, lens, 0.25, 0),
+    torch.testing.assert_close(out.double().cpu(), dense_reference(q_strided, k_pool, v_pool, tables, lens, 0.25, 0),
                                atol=1e-5, rtol=1e-5)
     torch.library.opcheck(torch.ops.cohere_fx.paged_attention.default, (q, k_pool, v_pool, tables, lens, 0.25, 3))
 

@@ -16,15 +16,21 @@ MAX_N = 16384
 
 
 @triton.jit
+def _row_mean(v, N):
+    """Sum over the row divided by N with IEEE division (as torch.mean): at N = 1, x - mean is exactly 0."""
+    return tl.math.div_rn(tl.sum(v, axis=0), tl.full([], N, tl.float32))
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(X, W, Y, stride_x, N, eps, BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    mean = tl.math.div_rn(tl.sum(x, axis=0), tl.full([], N, tl.float32))  # exact, as torch.mean
+    mean = _row_mean(x, N)
     d = tl.where(mask, x - mean, 0.0)
-    rstd = tl.math.rsqrt(tl.sum(d * d, axis=0) / N + eps)
+    rstd = tl.math.rsqrt(_row_mean(d * d, N) + eps)
     y = w * (d * rstd)
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -45,14 +51,14 @@ def _layer_norm_bwd_kernel(DY, X, W, DX, DW_PARTIAL, stride_dy, stride_x, M, N, 
     while row < row_end:
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.math.div_rn(tl.sum(x, axis=0), tl.full([], N, tl.float32))  # exact, as torch.mean
+        mean = _row_mean(x, N)
         d = tl.where(mask, x - mean, 0.0)
-        rstd = tl.math.rsqrt(tl.sum(d * d, axis=0) / N + eps)
+        rstd = tl.math.rsqrt(_row_mean(d * d, N) + eps)
         xhat = d * rstd
         g = dy * w
         # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); masked lanes hold zeros in g and xhat.
-        mean_g = tl.sum(g, axis=0) / N
-        mean_gx = tl.sum(g * xhat, axis=0) / N
+        mean_g = _row_mean(g, N)
+        mean_gx = _row_mean(g * xhat, N)
         dx = rstd * (g - mean_g - xhat * mean_gx)
         tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat

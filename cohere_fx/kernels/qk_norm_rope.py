@@ -24,6 +24,7 @@ from cohere_fx.kernels.layer_norm import _num_programs, _on_device
 
 # Elements of one [BLOCK_H, D] fp32 tile: enough bytes in flight per program, few registers per thread at 4 warps.
 TILE_ELEMENTS = 2048
+NUM_WARPS = 4  # both directions; benchmarks/sweep_qk_norm_rope.py measures the alternatives on a GPU
 MAX_HEAD_DIM = 256
 
 
@@ -207,7 +208,7 @@ def _launch_fwd(q, k, cos, sin, q_weight, k_weight, eps):
         _qk_norm_rope_fwd_kernel[grid](q, k, cos, sin, q_weight, k_weight, q_out, k_out, s, h, hk,
                                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                        stride_cb, stride_cs, float(eps), q_blocks,
-                                       HAS_NORM=has_norm, D=d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=4)
+                                       HAS_NORM=has_norm, D=d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=NUM_WARPS)
     return q_out, k_out
 
 
@@ -245,7 +246,7 @@ def _launch_bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, eps):
                                        dk_out.stride(0), dk_out.stride(1), dk_out.stride(2),
                                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                        stride_cb, stride_cs, float(eps), q_blocks,
-                                       HAS_NORM=has_norm, D=d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=4)
+                                       HAS_NORM=has_norm, D=d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=NUM_WARPS)
     return dq, dk, dqw, dkw
 
 
