@@ -21,9 +21,9 @@ fwd_bytes = 2 * (q.numel() + k.numel()) * 2
 bwd_bytes = 3 * (q.numel() + k.numel()) * 2
 
 for tile, warps in itertools.product([1024, 2048, 4096, 8192], [2, 4, 8]):
-    kernels.TILE_ELEMENTS, kernels.NUM_WARPS = tile, warps
+    kernels.TILE_ELEMENTS, kernels.NUM_WARPS, kernels.BWD_NUM_WARPS = tile, warps, warps
     fwd = triton.testing.do_bench_cudagraph(lambda: kernels.qk_norm_rope_fwd(q, k, cos, sin, qw, kw, 1e-5))
     bwd = triton.testing.do_bench_cudagraph(
         lambda: kernels.qk_norm_rope_bwd(dq_out, dk_out, q, k, cos, sin, qw, kw, 1e-5))
-    print(f"tile {tile:5d} warps {warps}: fwd {fwd * 1e3:7.1f} us {fwd_bytes / fwd / 1e9:6.0f} GB/s | "
-          f"bwd {bwd * 1e3:7.1f} us {bwd_bytes / bwd / 1e9:6.0f} GB/s", flush=True)
+    print(f"tile {tile:5d} warps {warps}: fwd {fwd * 1e3:7.1f} us {fwd_bytes / fwd / 1e6:6.0f} GB/s | "
+          f"bwd {bwd * 1e3:7.1f} us {bwd_bytes / bwd / 1e6:6.0f} GB/s", flush=True)

@@ -149,9 +149,18 @@ def _generate_kwargs(system, model, options, args, batch):
     if system == "inductor":
         config, how = CompileConfig(), "static cache + HF auto-compile, CompileConfig() defaults (inductor)"
     else:
-        # mode=None: torch.compile refuses a mode beside options; the backend owns its own settings.
-        config = CompileConfig(backend="cohere_fx", mode=None, options=options or None)
-        how = f"static cache + HF auto-compile, CompileConfig(backend='cohere_fx', options={options!r})"
+        # HF's default mode ("reduce-overhead": CUDA graphs) as for inductor. torch.compile refuses a mode beside
+        # options, so with options the same inductor settings travel as the backend's inductor_config.
+        if options:
+            from torch._inductor import list_mode_options
+
+            inductor_config = {**list_mode_options("reduce-overhead"), **options.get("inductor_config", {})}
+            config = CompileConfig(backend="cohere_fx", mode=None,
+                                   options={**options, "inductor_config": inductor_config})
+        else:
+            config = CompileConfig(backend="cohere_fx")
+        how = (f"static cache + HF auto-compile, CompileConfig(backend='cohere_fx', mode={config.mode!r}, "
+               f"options={config.options!r})")
     if args.device.type == "cpu":
         config._compile_all_devices = True  # HF compiles only on accelerators unless told
     return lambda: {"cache_implementation": "static", "compile_config": config}, how

@@ -163,6 +163,7 @@ def _lce_setup_context(ctx, inputs, output):
     *_, grad_hidden, grad_weight = inputs
     _, dhidden, dweight = output
     ctx.mark_non_differentiable(dhidden, dweight)
+    ctx.set_materialize_grads(False)  # else autograd hands the backward a zero [V, H] tensor for dweight
     ctx.save_for_backward(dhidden, dweight)
     ctx.computed = (grad_hidden, grad_weight)
 
