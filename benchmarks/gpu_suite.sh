@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh kernels    # every op vs HF eager math vs inductor (r7b-8L shapes)
 #   bash benchmarks/gpu_suite.sh prefill    # r7b-8L prefill B4xS2048: eager, inductor, cohere_fx
 #   bash benchmarks/gpu_suite.sh train      # r7b-8L full fine-tune step B2xS2048
-#   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new
+#   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new (decode64: batch 64)
+#   bash benchmarks/gpu_suite.sh lora qlora # r7b-8L LoRA / QLoRA r16 step B2xS2048 (qlora: carry .whl/bitsandbytes)
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,11 @@ for stage in "$@"; do
     prefill) python -m cohere_fx.bench prefill --out "$out" ;;
     train)   python -m cohere_fx.bench train --mode full --out "$out" ;;
     decode)  python -m cohere_fx.bench decode --batch 1 --out "$out" ;;
+    decode64) python -m cohere_fx.bench decode --batch 64 --iters 2 --warmup 0 --out "$out" ;;
+    lora)    python -m cohere_fx.bench train --mode lora --out "$out" ;;
+    qlora)   # bitsandbytes is not on the GPU image: carry its wheel in .whl/ (see BENCHMARKS.md)
+             python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl &&
+             PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train --mode qlora --out "$out" ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" -ne 0 ] && status=1

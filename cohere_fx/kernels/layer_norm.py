@@ -96,6 +96,12 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _block(n: int) -> int:
+    """Columns per program: the row rounded up to a power of two, at least 16 (a 1-element block would be
+    spread over every thread of the warps)."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def _num_programs(t: torch.Tensor) -> int:
     """Backward grid: a few programs per SM, so each walks many rows and writes one partial dw row."""
     if t.is_cuda:
@@ -115,7 +121,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m:
-        block_n = triton.next_power_of_2(n)
+        block_n = _block(n)
         with _on_device(x):
             _layer_norm_fwd_kernel[(m,)](x2, weight.contiguous(), y, x2.stride(0), n, float(eps),
                                          BLOCK_N=block_n, num_warps=_fwd_num_warps(block_n))
@@ -136,7 +142,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     rows_per_program = triton.cdiv(m, min(_num_programs(x), triton.cdiv(m, _MIN_ROWS_PER_PROGRAM)))
     programs = triton.cdiv(m, rows_per_program)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
-    block_n = triton.next_power_of_2(n)
+    block_n = _block(n)
     with _on_device(x):
         _layer_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), dx, dw_partial, dy2.stride(0),
                                             x2.stride(0), m, n, float(eps), rows_per_program,
