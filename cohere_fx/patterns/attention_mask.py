@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 import torch.fx
 
+from cohere_fx.patterns.base import known_equal
+
 _MAX_MASK_NODES = 64
 
 
@@ -75,8 +77,10 @@ def unrepeated_kv(node: torch.fx.Node) -> tuple[torch.fx.Node, int]:
         return node, 1
     n_rep = out_val.shape[1] // in_val.shape[1]
     # exact only if the reshape lays each kv head's n_rep copies side by side (what repeat_kv does)
-    if tuple(out_val.shape) != (in_val.shape[0], in_val.shape[1] * n_rep, in_val.shape[2], in_val.shape[3]):
+    b, kv, s, d = in_val.shape
+    if not known_equal(tuple(out_val.shape), (b, kv * n_rep, s, d)):
         return node, 1
-    if tuple(expand.args[1:]) != (in_val.shape[0], in_val.shape[1], n_rep, in_val.shape[2], in_val.shape[3]):
+    if any(isinstance(a, torch.fx.Node) for a in expand.args[1:]) or not known_equal(
+            tuple(expand.args[1:]), (b, kv, n_rep, s, d)):
         return node, 1
     return source, n_rep

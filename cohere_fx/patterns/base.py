@@ -12,9 +12,18 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from cohere_fx.passes.normalize import normalize_graph
+
+
+def known_equal(a, b) -> bool:
+    """Whether two sizes (or tuples of sizes) are equal for every value a dynamic shape may take. Checks must
+    not compare symbolic sizes directly: that would add guards after Dynamo has finished tracing."""
+    if isinstance(a, (tuple, list, torch.Size)) or isinstance(b, (tuple, list, torch.Size)):
+        return len(a) == len(b) and all(known_equal(x, y) for x, y in zip(a, b))
+    return statically_known_true(a == b)
 
 
 def fake_value(node: Any):

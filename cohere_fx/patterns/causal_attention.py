@@ -25,7 +25,10 @@ def attention_shapes(match: Match):
 def mask_kind(match: Match):
     """'causal', 'none' (all true), ('window', w) or a reason string; cached on the mask node, which every
     layer's attention shares."""
-    key = ("cohere_fx_mask_kind", *attention_shapes(match))
+    q_len, kv_len = attention_shapes(match)
+    if not (isinstance(q_len, int) and isinstance(kv_len, int)):
+        return "dynamic sequence length: the mask cannot be evaluated"
+    key = ("cohere_fx_mask_kind", q_len, kv_len)
     meta = match["attn_mask"].meta
     if key not in meta:
         meta[key] = _mask_kind(match)

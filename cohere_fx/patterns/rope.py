@@ -8,7 +8,7 @@ import operator
 
 import torch
 
-from cohere_fx.patterns.base import Match, Pattern, fake_value
+from cohere_fx.patterns.base import Match, Pattern, fake_value, known_equal
 
 
 def rotate_half(x):
@@ -38,7 +38,7 @@ def check_rope_inputs(match: Match):
         return "no traced shapes"
     if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[-1] % 2:
         return f"q {tuple(q.shape)} / k {tuple(k.shape)} are not [B, S, heads, even head_dim]"
-    if cos.dim() != 3 or cos.shape[-1] != q.shape[-1] or cos.shape[1] != q.shape[1]:
+    if cos.dim() != 3 or cos.shape[-1] != q.shape[-1] or not known_equal(cos.shape[1], q.shape[1]):
         return f"cos {tuple(cos.shape)} is not [B, S, head_dim]"
     if match["out_dtype"] != q.dtype or k.dtype != q.dtype:
         return f"output cast to {match['out_dtype']}, q is {q.dtype}, k is {k.dtype}"
