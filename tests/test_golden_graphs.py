@@ -30,13 +30,14 @@ def _rewritten(model, seq_len):
 class TestGoldenGraphs(expecttest.TestCase):
     def test_cohere_one_layer(self):
         self.assertExpectedInline(_rewritten(CohereForCausalLM(tiny_cohere_config(layers=1)), 8), """\
-pattern            matches
------------------  -------
-qk_norm_rope             1
-rope                     0
-causal_attention         1
-sliding_attention        0
-layer_norm               2
+pattern               matches
+--------------------  -------
+qk_norm_rope                1
+rope                        0
+causal_attention            1
+sliding_attention           0
+layer_norm                  2
+scaled_cross_entropy        0
 graph 0: 136 nodes -> 55 nodes
 graph(
         args_0: i64[2, 8],
@@ -114,13 +115,14 @@ graph(
 
     def test_cohere2_four_layers(self):
         self.assertExpectedInline(_rewritten(Cohere2ForCausalLM(tiny_cohere2_config(layers=4)), 8), """\
-pattern            matches
------------------  -------
-qk_norm_rope             0
-rope                     3
-causal_attention         1
-sliding_attention        3
-layer_norm               5
+pattern               matches
+--------------------  -------
+qk_norm_rope                0
+rope                        3
+causal_attention            1
+sliding_attention           3
+layer_norm                  5
+scaled_cross_entropy        0
 graph 0: 316 nodes -> 151 nodes
 graph(
         args_0: i64[2, 8],
