@@ -30,7 +30,11 @@ for stage in "$@"; do
   case "$stage" in
     tests)   python -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_layer_norm_kernel.py tests/test_qk_norm_rope.py \
                tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
-    kernels) python -m cohere_fx.bench kernels --out "$out" ;;
+    kernels) python -m cohere_fx.bench kernels --out "$out" &&
+             # LayerNorm at hidden 8192 ([8192, 8192]: Command R / R+ widths)
+             python -m cohere_fx.bench kernels --preset command-r --layers 1 --kernels layer_norm --out "$out" ;;
+    ln8k)    python -m cohere_fx.bench kernels --preset command-r --layers 1 --kernels layer_norm --out "$out" ;;
+    sweep)   python benchmarks/sweep_qk_norm_rope.py | tee "$out/sweep-qk_norm_rope.txt" ;;
     prefill) python -m cohere_fx.bench prefill --out "$out" ;;
     train)   python -m cohere_fx.bench train --mode full --out "$out" ;;
     decode)  python -m cohere_fx.bench decode --batch 1 --out "$out" ;;

@@ -90,7 +90,7 @@ def test_torch_reference_matches_dense_fp64(case):
 
 def test_op_noncontiguous_q_and_opcheck():
     q, k_pool, v_pool, tables, lens = make_inputs([5, 12], 4, 2, 16, block_size=4)
-    q_strided = torch.randn(2, 16, 4).transpose(1, 2)  # [B, H, D] with head_dim not innermost
+    q_strided = torch.randn(2, 16, 4, device=DEVICE).transpose(1, 2)  # [B, H, D], head_dim not innermost
     out = torch.ops.cohere_fx.paged_attention(q_strided, k_pool, v_pool, tables, lens, 0.25, 0)
     torch.testing.assert_close(out.double().cpu(), dense_reference(q_strided, k_pool, v_pool, tables, lens, 0.25, 0),
                                atol=1e-5, rtol=1e-5)
