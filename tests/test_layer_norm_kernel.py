@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import cohere_fx.ops  # noqa: F401  (registers torch.ops.cohere_fx.*)
-from cohere_fx.kernels import layer_norm as kernels
-from cohere_fx.kernels.layer_norm import layer_norm_bwd, layer_norm_fwd
+from cohere_fx.kernels import persistent_programs
+from cohere_fx.kernels.layer_norm import MAX_N, layer_norm_bwd, layer_norm_fwd
 from cohere_fx.ops.layer_norm import layer_norm_backward_reference, layer_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,7 +80,7 @@ def test_eps_is_used():
 @pytest.mark.parametrize("n", [3, 48])
 def test_dw_sums_over_programs(n):
     """Several rows per backward program, the last block shorter: every row lands in dw exactly once."""
-    rows = 3 * kernels._num_programs(torch.empty(0, device=DEVICE)) + 2
+    rows = 3 * persistent_programs(torch.empty(0, device=DEVICE)) + 2
     x, weight, dy = make((rows, n), torch.float32)
     dx, dw = layer_norm_bwd(dy, x, weight, 1e-5)
     dx_ref, dw_ref = ref64_grads(dy, x, weight, 1e-5)
@@ -135,7 +135,7 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="weight shape"):
         layer_norm_fwd(x, weight[:16], 1e-5)
     with pytest.raises(ValueError, match="outside"):
-        layer_norm_fwd(torch.empty(1, 2 * kernels.MAX_N, device=DEVICE), weight, 1e-5)
+        layer_norm_fwd(torch.empty(1, 2 * MAX_N, device=DEVICE), weight, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

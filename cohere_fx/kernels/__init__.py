@@ -4,6 +4,7 @@ Every launcher takes ordinary torch tensors and works wherever Triton can run th
 CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported (that is how CI runs the real
 kernel code without a GPU).
 """
+import contextlib
 import os
 
 import torch
@@ -17,3 +18,16 @@ def interpreter_enabled() -> bool:
 def runs_on_triton(t: torch.Tensor) -> bool:
     """Whether an op should launch its Triton kernel for tensors on ``t``'s device (else: torch reference)."""
     return t.is_cuda or (t.device.type == "cpu" and interpreter_enabled())
+
+
+def on_device(t: torch.Tensor):
+    """Launch context: Triton launches on the current CUDA device, which must be the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def persistent_programs(t: torch.Tensor, per_sm: int = 4) -> int:
+    """Grid size for kernels whose programs each walk many rows and write one partial sum (weight grads): a
+    few programs per SM on CUDA, a handful under the interpreter."""
+    if t.is_cuda:
+        return per_sm * torch.cuda.get_device_properties(t.device).multi_processor_count
+    return 4

@@ -7,11 +7,12 @@ nothing row-sized is ever held: the forward reads the unscaled logits once and w
 backward reads them once more and writes dlogits once (in place, if asked to). Both kernels reproduce HF's
 rounding of the scaled logits to the logits' dtype before the fp32 upcast, so bf16 losses match HF's.
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
+
+from cohere_fx.kernels import on_device
 
 MAX_BLOCK_V = 4096
 
@@ -76,10 +77,6 @@ def _launch_config(v: int, block_v: int | None) -> tuple[int, int]:
     return block_v, max(1, min(16, block_v // 512))
 
 
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"cross_entropy: logits must be [N, V] with unit column stride, got "
@@ -100,7 +97,7 @@ def cross_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, scale: float, 
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n:
         block_v, num_warps = _launch_config(v, block_v)
-        with _on_device(logits):
+        with on_device(logits):
             _ce_fwd_kernel[(n,)](logits, labels.contiguous(), loss, lse, logits.stride(0), float(scale),
                                  int(ignore_index), V=v, BLOCK_V=block_v, num_warps=num_warps)
     return loss, lse
@@ -123,7 +120,7 @@ def cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.T
         raise ValueError("cross_entropy: out must match logits' shape and dtype with unit column stride")
     if n:
         block_v, num_warps = _launch_config(v, block_v)
-        with _on_device(logits):
+        with on_device(logits):
             _ce_bwd_kernel[(n,)](out, logits, labels.contiguous(), lse.contiguous(), dloss, logits.stride(0),
                                  out.stride(0), dloss.stride(0), float(scale), int(ignore_index),
                                  V=v, BLOCK_V=block_v, num_warps=num_warps)

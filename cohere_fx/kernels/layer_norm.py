@@ -6,11 +6,11 @@ mean and rstd from x, which it must read anyway, so the forward saves nothing. d
 each backward program accumulates its block of rows in an fp32 register row and writes one partial row; the
 few partial rows are summed afterwards (deterministic, no atomics).
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from cohere_fx.kernels import on_device, persistent_programs
 
 MAX_N = 16384
 
@@ -92,21 +92,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
     return n
 
 
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _block(n: int) -> int:
     """Columns per program: the row rounded up to a power of two, at least 16 (a 1-element block would be
     spread over every thread of the warps)."""
     return max(16, triton.next_power_of_2(n))
-
-
-def _num_programs(t: torch.Tensor) -> int:
-    """Backward grid: a few programs per SM, so each walks many rows and writes one partial dw row."""
-    if t.is_cuda:
-        return 4 * torch.cuda.get_device_properties(t.device).multi_processor_count
-    return 4
 
 
 # A partial dw row (written, then read by the sum) costs ~1.3 rows of bf16 x/dy/dx traffic: with few rows,
@@ -122,7 +111,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m:
         block_n = _block(n)
-        with _on_device(x):
+        with on_device(x):
             _layer_norm_fwd_kernel[(m,)](x2, weight.contiguous(), y, x2.stride(0), n, float(eps),
                                          BLOCK_N=block_n, num_warps=_fwd_num_warps(block_n))
     return y.view(x.shape)
@@ -139,11 +128,11 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return dx.view(x.shape), torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    rows_per_program = triton.cdiv(m, min(_num_programs(x), triton.cdiv(m, _MIN_ROWS_PER_PROGRAM)))
+    rows_per_program = triton.cdiv(m, min(persistent_programs(x), triton.cdiv(m, _MIN_ROWS_PER_PROGRAM)))
     programs = triton.cdiv(m, rows_per_program)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     block_n = _block(n)
-    with _on_device(x):
+    with on_device(x):
         _layer_norm_bwd_kernel[(programs,)](dy2, x2, weight.contiguous(), dx, dw_partial, dy2.stride(0),
                                             x2.stride(0), m, n, float(eps), rows_per_program,
                                             BLOCK_N=block_n, num_warps=_bwd_num_warps(block_n))

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cohere_fx.kernels.layer_norm import _num_programs, _on_device
+from cohere_fx.kernels import on_device, persistent_programs
 
 # Elements of one [BLOCK_H, D] fp32 tile: enough bytes in flight per program, few registers per thread at 4 warps.
 TILE_ELEMENTS = 2048
@@ -207,7 +207,7 @@ def _launch_fwd(q, k, cos, sin, q_weight, k_weight, eps):
     block_hq, block_hk = _block_heads(h, d), _block_heads(hk, d)
     q_blocks = triton.cdiv(h, block_hq)
     grid = (b * s, q_blocks + triton.cdiv(hk, block_hk))
-    with _on_device(q):
+    with on_device(q):
         _qk_norm_rope_fwd_kernel[grid](q, k, cos, sin, q_weight, k_weight, q_out, k_out, s, h, hk,
                                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                        stride_cb, stride_cs, float(eps), q_blocks,
@@ -230,7 +230,7 @@ def _launch_bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, eps):
     cos, sin, stride_cb, stride_cs = _cos_sin_args(cos, sin)
     if has_norm:
         # Many tokens per program, so that the partial dw rows (written, then summed) stay few.
-        rows = triton.cdiv(n_tokens, min(n_tokens, _num_programs(dq)))
+        rows = triton.cdiv(n_tokens, min(n_tokens, persistent_programs(dq)))
         programs = triton.cdiv(n_tokens, rows)
         q, k = _unit_last(q), _unit_last(k)
         q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
@@ -242,7 +242,7 @@ def _launch_bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, eps):
     block_hq, block_hk = _block_heads(h, d), _block_heads(hk, d)
     q_blocks = triton.cdiv(h, block_hq)
     grid = (programs, q_blocks + triton.cdiv(hk, block_hk))
-    with _on_device(dq):
+    with on_device(dq):
         _qk_norm_rope_bwd_kernel[grid](dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, dq, dk,
                                        dqw, dkw, n_tokens, s, h, hk, rows,
                                        dq_out.stride(0), dq_out.stride(1), dq_out.stride(2),
