@@ -24,16 +24,20 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 
 
 _COHERE_MODULES = ("transformers.models.cohere.", "transformers.models.cohere2.")
+_COHERE_SOURCES = (str(Path("models", "cohere", "modeling_cohere.py")), str(Path("models", "cohere2", "modeling_cohere2.py")))
 
 
 def is_cohere_graph(gm: torch.fx.GraphModule) -> bool:
-    """Whether Dynamo traced any HF Cohere/Cohere2 module into this graph. Other models' graphs (a Llama, a
-    user's module that merely looks similar) are never rewritten."""
+    """Whether Dynamo traced HF Cohere/Cohere2 code into this graph: a Cohere module on a node's module stack,
+    or (for a graph holding only the head and loss, after a graph break) Cohere source in a node's stack trace.
+    Other models' graphs (a Llama, a user's module that merely looks similar) are never rewritten."""
     for node in gm.graph.nodes:
         for _, module_type in (node.meta.get("nn_module_stack") or {}).values():
             name = module_type if isinstance(module_type, str) else f"{module_type.__module__}.{module_type.__name__}"
             if name.startswith(_COHERE_MODULES):
                 return True
+        if any(path in (node.meta.get("stack_trace") or "") for path in _COHERE_SOURCES):
+            return True
     return False
 
 
@@ -54,22 +58,28 @@ class CohereFxPasses(CustomGraphPass):
         if not is_cohere_graph(gm):
             return GraphReport(before, before, {name: 0 for name in self.enabled}, {}, nodes_before, nodes_before,
                                skipped="no Cohere module in this graph: passed through unchanged")
+        counts = {name: 0 for name in self.enabled}
+        near_misses = {name: [] for name in self.enabled}
+        # The graph itself, then the subgraphs of higher-order ops: with HF gradient checkpointing each decoder
+        # layer is a torch.utils.checkpoint subgraph.
+        for module in [gm] + [m for m in gm.modules() if m is not gm and isinstance(m, torch.fx.GraphModule)]:
+            self._rewrite(module, counts, near_misses)
+        return GraphReport(before, graph_text(gm), counts, near_misses, nodes_before, _node_count(gm))
+
+    def _rewrite(self, gm: torch.fx.GraphModule, counts: dict, near_misses: dict) -> None:
         restore_spellings = normalize_graph(gm.graph)
-        counts, results = {}, []
-        for name in self.enabled:
-            result = apply_pattern(PATTERNS[name], gm.graph)
-            counts[name] = result.count
-            results.append(result)
+        results = [apply_pattern(PATTERNS[name], gm.graph) for name in self.enabled]
         # a candidate one pattern refused may have been taken by a later one: only report what is still there
         alive = set(gm.graph.nodes)
-        near_misses = {r.name: [why for node, why in r.near_misses if node in alive] for r in results}
-        if any(counts.values()):
+        for r in results:
+            counts[r.name] += r.count
+            near_misses[r.name] += [why for node, why in r.near_misses if node in alive]
+        if any(r.count for r in results):
             stable_topological_sort(gm.graph)
             gm.graph.lint()
             gm.recompile()
         else:
             restore_spellings()
-        return GraphReport(before, graph_text(gm), counts, near_misses, nodes_before, _node_count(gm))
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.run(graph.owning_module)
