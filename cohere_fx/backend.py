@@ -24,12 +24,15 @@ class Options:
     print_graphs: print each Dynamo graph before and after the passes.
     passes: pattern names to apply (None: all registered).
     inductor_config: extra inductor config patches (a dict), applied to this compile only.
+    return_logits: False lets ``linear_cross_entropy`` fuse the head GEMM into the loss when labels are given:
+        the logits are never built and the output's ``logits`` is None (training memory). True keeps HF's outputs.
     """
 
     inductor: bool = True
     print_graphs: bool = False
     passes: Optional[tuple[str, ...]] = None
     inductor_config: Optional[dict] = None
+    return_logits: bool = True
 
     @classmethod
     def parse(cls, options: Optional[dict]) -> "Options":
@@ -41,6 +44,13 @@ class Options:
         if options.get("passes") is not None:
             options["passes"] = tuple(options["passes"])
         return cls(**options)
+
+    def pattern_names(self) -> Optional[tuple[str, ...]]:
+        """The patterns to run: ``passes`` (or all), without ``linear_cross_entropy`` while logits are returned."""
+        from cohere_fx.patterns import PATTERNS
+
+        names = self.passes if self.passes is not None else tuple(PATTERNS)
+        return tuple(n for n in names if self.return_logits is False or n != "linear_cross_entropy")
 
 
 _collectors = threading.local()
@@ -87,7 +97,7 @@ def cohere_fx(gm: torch.fx.GraphModule, example_inputs, *, options: Optional[dic
     opts = Options.parse(options)
     import cohere_fx.ops  # noqa: F401  (registers torch.ops.cohere_fx.*)
 
-    report = CohereFxPasses(opts.passes).run(gm)
+    report = CohereFxPasses(opts.pattern_names()).run(gm)
     _publish(report)
     if opts.print_graphs:
         print(f"# cohere_fx: graph before passes\n{report.before}\n# cohere_fx: graph after passes\n{report.after}")

@@ -1,4 +1,5 @@
-"""Cohere's logit-scaled cross-entropy as ops: per-token loss from logits, and fused linear cross-entropy.
+"""Cohere's logit-scaled head and cross-entropy as ops: scaled logits in one buffer, per-token loss from
+logits, and fused linear cross-entropy.
 
 HF computes ``logits = lm_head(h) * logit_scale`` in the activation dtype, upcasts to fp32 and runs
 ``F.cross_entropy``; at a 256 000-word vocabulary the scaled copy, the fp32 copy and the fp32 gradient cost
@@ -107,6 +108,36 @@ def _sce_backward(ctx, dloss, _dlse):
 
 
 scaled_cross_entropy.register_autograd(_sce_backward, setup_context=_sce_setup_context)
+
+
+@torch.library.custom_op("cohere_fx::scaled_logits", mutates_args=())
+def scaled_logits(hidden: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """``(hidden @ weight.T) * scale`` rounded as HF rounds it (GEMM output in hidden's dtype, then the multiply),
+    in ONE [N, V] buffer: eager and inductor keep the GEMM output and its scaled copy, and in the backward the
+    gradient and its scaled copy, 2 GB each at B2 x S2048 x 256 000 in bf16. The backward applies ``scale`` to the
+    small operands instead (exact for the power-of-two scales of Command R and R7B; one rounding apart otherwise)."""
+    out = torch.mm(hidden, weight.t())
+    return out.mul_(scale) if scale != 1.0 else out
+
+
+@scaled_logits.register_fake
+def _(hidden, weight, scale):
+    return hidden.new_empty((hidden.shape[0], weight.shape[0]))
+
+
+def _scaled_logits_setup_context(ctx, inputs, output):
+    hidden, weight, ctx.scale = inputs
+    ctx.save_for_backward(hidden, weight)
+
+
+def _scaled_logits_backward(ctx, grad):
+    hidden, weight = ctx.saved_tensors
+    grad_hidden = torch.mm(grad, weight).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
+    grad_weight = torch.mm(grad.t(), hidden * ctx.scale) if ctx.needs_input_grad[1] else None
+    return grad_hidden, grad_weight, None
+
+
+scaled_logits.register_autograd(_scaled_logits_backward, setup_context=_scaled_logits_setup_context)
 
 
 def _chunk_rows(vocab: int, itemsize: int) -> int:

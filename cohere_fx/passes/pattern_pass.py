@@ -28,7 +28,11 @@ def _replace(match: Match) -> None:
     if len(new_nodes) != len(match.outputs):
         raise RuntimeError(f"pattern {match.pattern.name}: replacement gave {len(new_nodes)} outputs, "
                            f"the match has {len(match.outputs)}")
+    dropped = []
     for old, replacement in zip(match.outputs, new_nodes):
+        if replacement is None:
+            dropped.append(old)
+            continue
         if fake_value(old) is not None:
             replacement.meta.setdefault("example_value", fake_value(old))
         replacement.meta.setdefault("stack_trace", old.meta.get("stack_trace"))
@@ -37,8 +41,20 @@ def _replace(match: Match) -> None:
     for node in sorted(match.nodes, key=_position(graph), reverse=True):
         if not node.users:
             graph.erase_node(node)
+    for node in dropped:
+        _drop_from_outputs(node)
+        _erase_if_dead(graph, node)
     for node in producers:
         _erase_if_dead(graph, node)
+
+
+def _drop_from_outputs(node: torch.fx.Node) -> None:
+    """A pattern output the replacement does not compute (``linear_cross_entropy``'s logits) becomes None in the
+    graph's outputs; the pattern's check has made sure nothing else reads it."""
+    for user in list(node.users):
+        if user.op != "output":
+            raise RuntimeError(f"{node.name} is dropped by a replacement but {user.name} still reads it")
+        user.args = torch.fx.node.map_arg(user.args, lambda n: None if n is node else n)
 
 
 def _erase_if_dead(graph: torch.fx.Graph, node: torch.fx.Node) -> None:

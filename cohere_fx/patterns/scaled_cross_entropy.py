@@ -1,11 +1,15 @@
-"""``scaled_cross_entropy``: HF's ForCausalLMLoss on the scaled logits -> cohere_fx.scaled_cross_entropy.
+"""``scaled_cross_entropy``: Cohere's head and HF's ForCausalLMLoss -> cohere_fx.scaled_logits + scaled_cross_entropy.
 
-HF upcasts the [B, S, 256 000] logits to fp32 and runs ``F.cross_entropy``, which keeps an fp32 log-softmax for
-the backward and writes an fp32 gradient: at B2 x S2048 that is ~4 GB per copy. The op reads the bf16 logits
-and writes the bf16 gradient, chunk by chunk over the vocabulary, with fp32 accumulation. The scaled logits are
-a model output (``CausalLMOutput.logits``), so they stay materialised and the op runs with scale 1.0 on them
-(exact: ``x * 1.0`` rounds to ``x``). 'mean' divides the sum by the count of non-ignored labels, as
-F.cross_entropy does; 'sum' is what HF uses with ``num_items_in_batch`` (the division follows unchanged).
+HF computes ``logits = lm_head(h) * logit_scale``, upcasts to fp32 and runs ``F.cross_entropy``, which keeps an
+fp32 log-softmax for the backward and writes an fp32 gradient; eager and inductor also keep the GEMM output
+beside its scaled copy, and the gradient beside its scaled copy. At B2 x S2048 x 256 000 each bf16 copy is
+2 GB and each fp32 one 4 GB. Here the scaled logits are made in one buffer (``scaled_logits``), and the loss
+op reads them in bf16 and writes their bf16 gradient chunk by chunk over the vocabulary with fp32
+accumulation. The scaled logits are a model output (``CausalLMOutput.logits``), so they stay materialised and
+the loss op runs with scale 1.0 on them (exact: ``x * 1.0`` rounds to ``x``). 'mean' divides the sum by the
+count of non-ignored labels, as F.cross_entropy does; 'sum' is what HF uses with ``num_items_in_batch`` (the
+division follows unchanged). ``linear_cross_entropy`` shares this search and goes further when the logits are
+not wanted.
 """
 import operator
 
@@ -19,37 +23,56 @@ cross_entropy = F.cross_entropy
 torch.fx.wrap("cross_entropy")
 
 
-def search(logits, labels, vocab_size, ignore_index, reduction):
-    logits = logits.to(torch.float32)
-    logits = logits.view(-1, vocab_size)
-    return cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+def search(hidden, weight, logit_scale, labels, vocab_size, ignore_index, reduction):
+    logits = F.linear(hidden, weight, None)
+    logits = logits * logit_scale
+    rows = logits.to(torch.float32).view(-1, vocab_size)
+    return cross_entropy(rows, labels, ignore_index=ignore_index, reduction=reduction), logits
+
+
+LITERALS = ("logit_scale", "vocab_size", "ignore_index", "reduction")
 
 
 def check(match: Match):
-    logits, labels = match.val("logits"), match.val("labels")
-    if logits is None or labels is None:
+    hidden, weight, labels = match.val("hidden"), match.val("weight"), match.val("labels")
+    if hidden is None or weight is None or labels is None:
         return "no traced shapes"
     if match["reduction"] not in ("mean", "sum"):
         return f"reduction={match['reduction']!r}"
-    if logits.shape[-1] != match["vocab_size"] or labels.dtype != torch.int64 or labels.dim() != 1:
-        return f"logits {tuple(logits.shape)} / labels {labels.dtype}{tuple(labels.shape)} are not [.., V] / [N]"
-    if logits.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return f"logits dtype {logits.dtype}"
-    if not isinstance(match["ignore_index"], int):
-        return f"ignore_index is {match['ignore_index']!r}"
+    if weight.dim() != 2 or weight.shape[0] != match["vocab_size"] or hidden.shape[-1] != weight.shape[1]:
+        return f"head weight {tuple(weight.shape)} is not [vocab, hidden] for hidden {tuple(hidden.shape)}"
+    if labels.dtype != torch.int64 or labels.dim() != 1:
+        return f"labels {labels.dtype}{tuple(labels.shape)} are not int64 [N]"
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"hidden {hidden.dtype} / head weight {weight.dtype}"
+    if not isinstance(match["logit_scale"], (int, float)) or not isinstance(match["ignore_index"], int):
+        return f"logit_scale {match['logit_scale']!r} / ignore_index {match['ignore_index']!r} are not constants"
     return None
 
 
-def replace(match: Match):
-    graph, labels = match.graph, match["labels"]
-    rows = graph.call_method("view", (match["logits"], -1, match["vocab_size"]))
-    fused = match.call(torch.ops.cohere_fx.scaled_cross_entropy.default, rows, labels, 1.0, match["ignore_index"])
-    per_token = graph.call_function(operator.getitem, (fused, 0))
-    total = graph.call_method("sum", (per_token,))
+def rows(match: Match) -> torch.fx.Node:
+    """The head's input as [N, hidden]."""
+    return match.graph.call_method("reshape", (match["hidden"], -1, match.val("weight").shape[1]))
+
+
+def reduce(match: Match, total: torch.fx.Node) -> torch.fx.Node:
+    """HF's reduction of the per-token loss sum: as is for 'sum', over the non-ignored count for 'mean'."""
     if match["reduction"] == "sum":
         return total
+    graph, labels = match.graph, match["labels"]
     count = graph.call_method("sum", (graph.call_function(operator.ne, (labels, match["ignore_index"])),))
     return graph.call_function(operator.truediv, (total, count))
 
 
-PATTERN = Pattern("scaled_cross_entropy", search, replace, check, literals=("vocab_size", "ignore_index", "reduction"))
+def replace(match: Match):
+    graph = match.graph
+    flat = graph.create_node("call_function", torch.ops.cohere_fx.scaled_logits.default,
+                             (rows(match), match["weight"], float(match["logit_scale"])), name="scaled_logits")
+    logits = graph.call_method("view", (flat, *match.val("hidden").shape[:-1], match["vocab_size"]))
+    fused = match.call(torch.ops.cohere_fx.scaled_cross_entropy.default, flat, match["labels"], 1.0,
+                       match["ignore_index"])
+    total = graph.call_method("sum", (graph.call_function(operator.getitem, (fused, 0)),))
+    return reduce(match, total), logits
+
+
+PATTERN = Pattern("scaled_cross_entropy", search, replace, check, literals=LITERALS)
