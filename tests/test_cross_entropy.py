@@ -212,21 +212,32 @@ def test_opcheck():
     lce_forward = torch.ops.cohere_fx.linear_cross_entropy_forward
     torch.library.opcheck(lce_forward, (hidden, weight, labels, 0.25, -100, True, True))
     torch.library.opcheck(lce_forward, (hidden.detach(), weight.detach(), labels, 0.25, -100, False, False))
-    torch.library.opcheck(torch.ops.cohere_fx.scaled_logits, (hidden, weight, 0.8333))
+    torch.library.opcheck(torch.ops.cohere_fx.head_cross_entropy, (hidden, weight, labels, 0.8333, -100))
+    logits, _, lse = torch.ops.cohere_fx.head_cross_entropy(hidden, weight, labels, 0.8333, -100)
+    for dlogits in (None, torch.randn_like(logits)):
+        torch.library.opcheck(torch.ops.cohere_fx.head_cross_entropy_backward,
+                              (dlogits, torch.rand(N), hidden.detach(), weight.detach(), labels, logits.detach(),
+                               lse, 0.8333, -100, True, True))
 
 
 @pytest.mark.parametrize("scale", [0.25, 0.8333])
-def test_scaled_logits_match_hf_rounding(scale):
-    """Forward bit-equal to HF's ``lm_head(h) * logit_scale`` in bf16; gradients within a rounding of HF's (exact
-    for power-of-two scales up to the GEMMs' own accumulation order)."""
-    hidden, weight, _ = linear_inputs(torch.bfloat16)
-    out = torch.ops.cohere_fx.scaled_logits(hidden, weight, scale)
-    ref = torch.nn.functional.linear(hidden, weight) * scale
-    assert torch.equal(out, ref)
-    grad = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (hidden, weight), grad)
-    want = torch.autograd.grad(ref, (hidden, weight), grad)
-    assert all(rel_err(g, w) < 1e-2 for g, w in zip(got, want))
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("logits_grad", [False, True])
+def test_head_cross_entropy_matches_hf(scale, dtype, tol, logits_grad, small_chunks):
+    """Logits bit-equal to HF's ``lm_head(h) * logit_scale``; loss and gradients (from the loss, and from a
+    second use of the logits) within roundings of HF's, over several chunks."""
+    hidden, weight, labels = linear_inputs(dtype)
+    logits, loss, _ = torch.ops.cohere_fx.head_cross_entropy(hidden, weight, labels, scale, -100)
+    ref_logits = torch.nn.functional.linear(hidden, weight) * scale
+    assert torch.equal(logits, ref_logits)
+    ref_loss = hf_loss(ref_logits, labels, 1.0) * (labels != -100).sum()
+    assert rel_err(loss.sum(), ref_loss) < 1e-5
+    extra = torch.randn_like(logits)
+    total = loss.sum() + ((logits * extra).sum() if logits_grad else 0)
+    ref_total = ref_loss + ((ref_logits * extra).sum() if logits_grad else 0)
+    got = torch.autograd.grad(total, (hidden, weight))
+    want = torch.autograd.grad(ref_total, (hidden, weight))
+    assert all(rel_err(g, w) < tol for g, w in zip(got, want))
 
 
 def _cuda_ms(fn, iters=10):

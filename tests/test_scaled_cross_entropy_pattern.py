@@ -127,5 +127,5 @@ def test_the_fp32_logits_copy_is_gone_from_the_graph():
     model = CohereForCausalLM(tiny_cohere_config(layers=1, vocab_size=256)).to(torch.bfloat16)
     ids = torch.randint(3, 256, (2, 8))
     after = cohere_fx.explain(model, ids, labels=ids).graphs[0].after
-    assert "cohere_fx.scaled_cross_entropy(" in after
+    assert "cohere_fx.head_cross_entropy(" in after
     assert "f32[2, 8, 256]" not in after and "f32[16, 256]" not in after  # no fp32 [B, S, V] or [N, V] tensor

@@ -1,5 +1,5 @@
-"""Cohere's logit-scaled head and cross-entropy as ops: scaled logits in one buffer, per-token loss from
-logits, and fused linear cross-entropy.
+"""Cohere's logit-scaled head and cross-entropy as ops: per-token loss from logits, the head and loss with a
+chunked backward (logits returned), and fused linear cross-entropy (logits never built).
 
 HF computes ``logits = lm_head(h) * logit_scale`` in the activation dtype, upcasts to fp32 and runs
 ``F.cross_entropy``; at a 256 000-word vocabulary the scaled copy, the fp32 copy and the fp32 gradient cost
@@ -21,6 +21,8 @@ grad_weight is accumulated in weight's dtype: every chunk's GEMM accumulates in 
 adds into the buffer, so a bf16 weight gets one bf16 rounding per chunk instead of a 4-byte [V, H]
 accumulator (4 GB at 256 000 x 4096).
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -110,36 +112,6 @@ def _sce_backward(ctx, dloss, _dlse):
 scaled_cross_entropy.register_autograd(_sce_backward, setup_context=_sce_setup_context)
 
 
-@torch.library.custom_op("cohere_fx::scaled_logits", mutates_args=())
-def scaled_logits(hidden: Tensor, weight: Tensor, scale: float) -> Tensor:
-    """``(hidden @ weight.T) * scale`` rounded as HF rounds it (GEMM output in hidden's dtype, then the multiply),
-    in ONE [N, V] buffer: eager and inductor keep the GEMM output and its scaled copy, and in the backward the
-    gradient and its scaled copy, 2 GB each at B2 x S2048 x 256 000 in bf16. The backward applies ``scale`` to the
-    small operands instead (exact for the power-of-two scales of Command R and R7B; one rounding apart otherwise)."""
-    out = torch.mm(hidden, weight.t())
-    return out.mul_(scale) if scale != 1.0 else out
-
-
-@scaled_logits.register_fake
-def _(hidden, weight, scale):
-    return hidden.new_empty((hidden.shape[0], weight.shape[0]))
-
-
-def _scaled_logits_setup_context(ctx, inputs, output):
-    hidden, weight, ctx.scale = inputs
-    ctx.save_for_backward(hidden, weight)
-
-
-def _scaled_logits_backward(ctx, grad):
-    hidden, weight = ctx.saved_tensors
-    grad_hidden = torch.mm(grad, weight).mul_(ctx.scale) if ctx.needs_input_grad[0] else None
-    grad_weight = torch.mm(grad.t(), hidden * ctx.scale) if ctx.needs_input_grad[1] else None
-    return grad_hidden, grad_weight, None
-
-
-scaled_logits.register_autograd(_scaled_logits_backward, setup_context=_scaled_logits_setup_context)
-
-
 def _chunk_rows(vocab: int, itemsize: int) -> int:
     rows = max(1, CHUNK_BYTES // (vocab * itemsize))
     return rows - rows % 128 if rows >= 128 else rows  # whole GEMM tiles
@@ -172,6 +144,87 @@ def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, labels: Tensor,
             elif grad_weight:
                 dweight.addmm_(dlogits.t(), h)
     return loss.sum(), dhidden, dweight
+
+
+@torch.library.custom_op("cohere_fx::head_cross_entropy", mutates_args=())
+def head_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, scale: float,
+                       ignore_index: int = -100) -> tuple[Tensor, Tensor, Tensor]:
+    """(logits, loss, lse): HF's head ``(hidden @ weight.T) * scale`` [N, V] in hidden's dtype, rounded as HF
+    rounds it (GEMM output, then the multiply, in one buffer), and the per-token loss of cross-entropy on it
+    (fp32 [N], 0 on ignored rows) with the row logsumexp (not differentiable). For models that return logits.
+
+    The backward never builds the [N, V] gradient: chunk by chunk it rewrites the loss gradient (plus the
+    logits' own incoming gradient, if any) into a chunk buffer and folds it into the hidden and weight
+    gradients; ``scale`` is applied to the small operands (exact for power-of-two scales such as Command R's
+    and R7B's, one rounding apart otherwise). Eager HF and inductor hold the logits, the scaled logits, the
+    gradient and its scaled copy, 2 GB each at B2 x S2048 x 256 000 in bf16; this op holds the logits and a
+    chunk. The weight gradient is accumulated in weight's dtype, one rounding per chunk (see the module doc).
+    """
+    logits = torch.mm(hidden, weight.t())
+    if scale != 1.0:
+        logits.mul_(scale)
+    loss, lse = _ce_forward(logits, labels, 1.0, ignore_index)
+    return logits, loss, lse
+
+
+@head_cross_entropy.register_fake
+def _(hidden, weight, labels, scale, ignore_index=-100):
+    n = hidden.shape[0]
+    return (hidden.new_empty((n, weight.shape[0])), hidden.new_empty(n, dtype=torch.float32),
+            hidden.new_empty(n, dtype=torch.float32))
+
+
+def _hce_setup_context(ctx, inputs, output):
+    hidden, weight, labels, ctx.scale, ctx.ignore_index = inputs
+    logits, _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no [N, V] zeros when the logits' own gradient is absent
+    ctx.save_for_backward(hidden, weight, labels, logits, lse)
+
+
+@torch.library.custom_op("cohere_fx::head_cross_entropy_backward", mutates_args=())
+def head_cross_entropy_backward(dlogits: Optional[Tensor], dloss: Tensor, hidden: Tensor, weight: Tensor,
+                                labels: Tensor, logits: Tensor, lse: Tensor, scale: float, ignore_index: int,
+                                need_hidden: bool, need_weight: bool) -> tuple[Tensor, Tensor]:
+    """(grad_hidden, grad_weight), each an empty tensor when not needed; an op, so the chunk loop and its
+    in-place GEMMs stay out of the traced backward graph (functionalisation would copy the buffers)."""
+    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    n, v = logits.shape
+    if need_weight and n == 0:
+        grad_weight.zero_()
+    rows = max(1, min(n, _chunk_rows(v, logits.element_size())))
+    buf = logits.new_empty((rows, v))
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        chunk = _ce_backward(dloss[start:end], logits[start:end], labels[start:end], lse[start:end], 1.0,
+                             ignore_index, out=buf[: end - start])
+        if dlogits is not None:
+            chunk += dlogits[start:end]
+        if need_hidden:
+            torch.mm(chunk, weight, out=grad_hidden[start:end]).mul_(scale)
+        if need_weight:
+            grad_weight.addmm_(chunk.t(), hidden[start:end], beta=0 if start == 0 else 1, alpha=scale)
+    return grad_hidden, grad_weight
+
+
+@head_cross_entropy_backward.register_fake
+def _(dlogits, dloss, hidden, weight, labels, logits, lse, scale, ignore_index, need_hidden, need_weight):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+
+
+def _hce_backward(ctx, dlogits, dloss, _dlse):
+    hidden, weight, labels, logits, lse = ctx.saved_tensors
+    need_hidden, need_weight = ctx.needs_input_grad[:2]
+    if dloss is None:
+        dloss = lse.new_zeros(lse.shape)
+    grad_hidden, grad_weight = head_cross_entropy_backward(dlogits, dloss, hidden, weight, labels, logits, lse,
+                                                           ctx.scale, ctx.ignore_index, need_hidden, need_weight)
+    return grad_hidden if need_hidden else None, grad_weight if need_weight else None, None, None, None
+
+
+head_cross_entropy.register_autograd(_hce_backward, setup_context=_hce_setup_context)
 
 
 @torch.library.custom_op("cohere_fx::linear_cross_entropy_forward", mutates_args=())

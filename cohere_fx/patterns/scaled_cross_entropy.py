@@ -1,15 +1,14 @@
-"""``scaled_cross_entropy``: Cohere's head and HF's ForCausalLMLoss -> cohere_fx.scaled_logits + scaled_cross_entropy.
+"""``scaled_cross_entropy``: Cohere's head and HF's ForCausalLMLoss -> cohere_fx.head_cross_entropy.
 
 HF computes ``logits = lm_head(h) * logit_scale``, upcasts to fp32 and runs ``F.cross_entropy``, which keeps an
 fp32 log-softmax for the backward and writes an fp32 gradient; eager and inductor also keep the GEMM output
 beside its scaled copy, and the gradient beside its scaled copy. At B2 x S2048 x 256 000 each bf16 copy is
-2 GB and each fp32 one 4 GB. Here the scaled logits are made in one buffer (``scaled_logits``), and the loss
-op reads them in bf16 and writes their bf16 gradient chunk by chunk over the vocabulary with fp32
-accumulation. The scaled logits are a model output (``CausalLMOutput.logits``), so they stay materialised and
-the loss op runs with scale 1.0 on them (exact: ``x * 1.0`` rounds to ``x``). 'mean' divides the sum by the
-count of non-ignored labels, as F.cross_entropy does; 'sum' is what HF uses with ``num_items_in_batch`` (the
-division follows unchanged). ``linear_cross_entropy`` shares this search and goes further when the logits are
-not wanted.
+2 GB and each fp32 one 4 GB. The op makes the scaled logits in one buffer (they are a model output,
+``CausalLMOutput.logits``, so they stay), computes the loss from them with fp32 accumulation and, in the
+backward, turns the loss gradient into head gradients chunk by chunk, never holding an [N, V] gradient.
+'mean' divides the sum by the count of non-ignored labels, as F.cross_entropy does; 'sum' is what HF uses with
+``num_items_in_batch`` (the division follows unchanged). ``linear_cross_entropy`` shares this search and goes
+further when the logits are not wanted.
 """
 import operator
 
@@ -66,13 +65,11 @@ def reduce(match: Match, total: torch.fx.Node) -> torch.fx.Node:
 
 def replace(match: Match):
     graph = match.graph
-    flat = graph.create_node("call_function", torch.ops.cohere_fx.scaled_logits.default,
-                             (rows(match), match["weight"], float(match["logit_scale"])), name="scaled_logits")
+    fused = match.call(torch.ops.cohere_fx.head_cross_entropy.default, rows(match), match["weight"],
+                       match["labels"], float(match["logit_scale"]), match["ignore_index"])
+    flat, per_token = (graph.call_function(operator.getitem, (fused, i)) for i in (0, 1))
     logits = graph.call_method("view", (flat, *match.val("hidden").shape[:-1], match["vocab_size"]))
-    fused = match.call(torch.ops.cohere_fx.scaled_cross_entropy.default, flat, match["labels"], 1.0,
-                       match["ignore_index"])
-    total = graph.call_method("sum", (graph.call_function(operator.getitem, (fused, 0)),))
-    return reduce(match, total), logits
+    return reduce(match, graph.call_method("sum", (per_token,))), logits
 
 
 PATTERN = Pattern("scaled_cross_entropy", search, replace, check, literals=LITERALS)
