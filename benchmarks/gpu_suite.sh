@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh prefill    # r7b-8L prefill B4xS2048: eager, inductor, cohere_fx
 #   bash benchmarks/gpu_suite.sh train      # r7b-8L full fine-tune step B2xS2048, with logits and return_logits=false
 #   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new (decode64: batch 64)
+#   bash benchmarks/gpu_suite.sh engine     # the same through cohere_fx.runtime.Engine (paged, CUDA graphs), B1 and B16
 #   bash benchmarks/gpu_suite.sh lora qlora # r7b-8L LoRA / QLoRA r16 step B2xS2048, return_logits=false (qlora: carry .whl)
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
 # BENCH_ARGS (e.g. "--passes layer_norm,rope") is appended to every bench command.
@@ -31,17 +32,20 @@ for stage in "$@"; do
   echo "=== $stage ==="
   case "$stage" in
     tests)   python -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_layer_norm_kernel.py tests/test_qk_norm_rope.py \
-               tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
+               tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py tests/test_swiglu.py \
+               tests/test_parallel_residual.py tests/test_decode_runner.py tests/test_peft_lora.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
     kernels) python -m cohere_fx.bench kernels $BENCH_ARGS --out "$out" &&
              # LayerNorm at hidden 8192 ([8192, 8192]: Command R / R+ widths)
              python -m cohere_fx.bench kernels $BENCH_ARGS --preset command-r --layers 1 --kernels layer_norm --out "$out" ;;
-    ce)      python -m pytest -q -s -p no:cacheprovider tests/test_cross_entropy.py -k h100 2>&1 | tail -5 ;;
+    ce)      python -m pytest -q -s -p no:cacheprovider --tb=short tests/test_cross_entropy.py -k h100 2>&1 | tee "$out/ce.log" | tail -25 ;;
     ln8k)    python -m cohere_fx.bench kernels $BENCH_ARGS --preset command-r --layers 1 --kernels layer_norm --out "$out" ;;
     sweep)   python benchmarks/sweep_qk_norm_rope.py | tee "$out/sweep-qk_norm_rope.txt" ;;
     prefill) python -m cohere_fx.bench prefill $BENCH_ARGS --out "$out" ;;
     train)   python -m cohere_fx.bench train $BENCH_ARGS --mode full --out "$out" &&
              python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare inductor,cohere_fx --option return_logits=false --out "$out" ;;
     decode)  python -m cohere_fx.bench decode $BENCH_ARGS --batch 1 --out "$out" ;;
+    engine)  python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 1 --out "$out" &&
+             python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 16 --out "$out" ;;
     decode64) python -m cohere_fx.bench decode $BENCH_ARGS --batch 64 --iters 2 --warmup 0 --out "$out" ;;
     lora)    python -m cohere_fx.bench train $BENCH_ARGS --mode lora --option return_logits=false --out "$out" ;;
     qlora)   # bitsandbytes is not on the GPU image: carry its wheel in .whl/ (see BENCHMARKS.md)

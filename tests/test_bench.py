@@ -61,8 +61,8 @@ def test_workload_numbers(results):
     assert eager["tok_s"] == pytest.approx(4 / (eager["ms"] / 1e3))
     kernels = records["kernels"]
     names = [c["name"] for c in kernels["cases"]]
-    assert names == [f"{k} {d}" for k in ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy")
-                     for d in ("fwd", "fwd+bwd")]
+    assert names == [f"{k} {d}" for k in ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu")
+                     for d in ("fwd", "fwd+bwd")] + ["parallel_residual fwd"]
     for case in kernels["cases"]:
         fx = case["results"]["cohere_fx"]
         assert "error" in fx or fx["rel_err"] < 1e-5  # fp32: the op computes HF's math
@@ -129,6 +129,20 @@ def test_decode_paged_hook(tmp_path):
         assert "cohere_fx.runtime" in fx["error"]
     else:
         assert "error" not in fx and "PagedKVCache" in fx["how"] and fx["graphs"] >= 1
+
+
+def test_decode_engine_hook(tmp_path):
+    assert main(["decode", *SMOKE, "--engine", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["params"]["engine"] is True
+    fx = record["cases"][0]["results"]["cohere_fx"]
+    assert "error" not in fx and "Engine" in fx["how"] and fx["graphs"] >= 1
+    # tok/s: the whole call, prefill included; decode tok/s: the 3 decode steps alone
+    assert fx["tok_s"] == pytest.approx(4 / (fx["ms"] / 1e3)) and fx["decode_tok_s"] > 0
+    assert "decode tok/s" in report.render_record(record)
+    with pytest.raises(SystemExit, match="pick one"):
+        main(["decode", *SMOKE, "--engine", "--paged", "--out", str(tmp_path)])
 
 
 def test_kernel_references_trace_whole():

@@ -27,18 +27,137 @@ def _rewritten(model, seq_len):
     return report.table() + "\n" + graph.after
 
 
+def _rewritten_decode_step():
+    """The runner's decode step for two slots of a one-layer Cohere: the pools are written in place and read by
+    paged_attention; no gather of a pool, no SDPA."""
+    from cohere_fx.runtime.decode_runner import decode_step
+    from decode_steps import two_slot_step
+
+    torch.manual_seed(0)
+    model = CohereForCausalLM(tiny_cohere_config(layers=1)).eval()
+    _, bucket = two_slot_step(model)
+    with torch.no_grad():
+        report = cohere_fx.explain(decode_step, model, bucket.view, bucket.input_ids, bucket.position_ids)
+    (graph,) = report.graphs
+    return report.table() + "\n" + graph.after
+
+
 class TestGoldenGraphs(expecttest.TestCase):
+    def test_cohere_decode_step(self):
+        self.assertExpectedInline(_rewritten_decode_step(), """\
+pattern               matches
+--------------------  -------
+qk_norm_rope                1
+rope                        0
+paged_attention             1
+causal_attention            0
+sliding_attention           0
+layer_norm                  2
+swiglu                      1
+parallel_residual           1
+linear_cross_entropy        0
+scaled_cross_entropy        0
+lora_shared_input           0
+graph 0: 141 nodes -> 58 nodes
+graph(
+        view_seq_lens: i32[2],
+        input_ids: i64[2, 1],
+        model.model.embed_tokens.weight: f32[128, 64],
+        position_ids: i64[2, 1],
+        model.model.rotary_emb.inv_freq: f32[8],
+        model.model.layers.0.input_layernorm.weight: f32[64],
+        model.model.layers.0.self_attn.q_proj.weight: f32[64, 64],
+        model.model.layers.0.self_attn.k_proj.weight: f32[32, 64],
+        model.model.layers.0.self_attn.v_proj.weight: f32[32, 64],
+        model.model.layers.0.self_attn.q_norm.weight: f32[4, 16],
+        model.model.layers.0.self_attn.k_norm.weight: f32[2, 16],
+        view_k_pools_0: f32[9, 4, 2, 16],
+        view_write_slots_full_attention: i64[2],
+        view_v_pools_0: f32[9, 4, 2, 16],
+        view_block_tables_full_attention: i32[2, 4],
+        model.model.layers.0.self_attn.o_proj.weight: f32[64, 64],
+        model.model.layers.0.mlp.gate_proj.weight: f32[256, 64],
+        model.model.layers.0.mlp.up_proj.weight: f32[256, 64],
+        model.model.layers.0.mlp.down_proj.weight: f32[64, 256],
+        model.model.norm.weight: f32[64],
+):
+    inputs_embeds: f32[2, 1, 64] = torch.nn.functional.embedding(input_ids, model.model.embed_tokens.weight, 0, None, 2.0, False, False)
+    getitem_2: f32[1, 8, 1] = model.model.rotary_emb.inv_freq[None, :, None]
+    float_1: f32[1, 8, 1] = getitem_2.to(torch.float32)
+    inv_freq_expanded: f32[2, 8, 1] = float_1.expand(2, -1, 1)
+    getitem_3: i64[2, 1, 1] = position_ids[:, None, :]
+    position_ids_expanded: f32[2, 1, 1] = getitem_3.to(torch.float32)
+    float_3: f32[2, 8, 1] = inv_freq_expanded.to(torch.float32)
+    float_4: f32[2, 1, 1] = position_ids_expanded.to(torch.float32)
+    matmul: f32[2, 8, 1] = float_3 @ float_4
+    freqs: f32[2, 1, 8] = matmul.transpose(1, 2)
+    emb: f32[2, 1, 16] = torch.repeat_interleave(freqs, 2, dim=-1)
+    cos: f32[2, 1, 16] = emb.cos()
+    cos_1: f32[2, 1, 16] = cos * 1.0
+    sin: f32[2, 1, 16] = emb.sin()
+    sin_1: f32[2, 1, 16] = sin * 1.0
+    cos_2: f32[2, 1, 16] = cos_1.to(torch.float32)
+    sin_2: f32[2, 1, 16] = sin_1.to(torch.float32)
+    _log_api_usage_once = torch._C._log_api_usage_once('python.nn_module')
+    layer_norm: f32[2, 1, 64] = cohere_fx.layer_norm(inputs_embeds, model.model.layers.0.input_layernorm.weight, 1e-05)
+    linear: f32[2, 1, 64] = torch.nn.functional.linear(layer_norm, model.model.layers.0.self_attn.q_proj.weight, None)
+    query_states: f32[2, 1, 4, 16] = linear.view((2, 1, -1, 16))
+    linear_1: f32[2, 1, 32] = torch.nn.functional.linear(layer_norm, model.model.layers.0.self_attn.k_proj.weight, None)
+    key_states: f32[2, 1, 2, 16] = linear_1.view((2, 1, -1, 16))
+    linear_2: f32[2, 1, 32] = torch.nn.functional.linear(layer_norm, model.model.layers.0.self_attn.v_proj.weight, None)
+    value_states: f32[2, 1, 2, 16] = linear_2.view((2, 1, -1, 16))
+    value_states_1: f32[2, 2, 1, 16] = value_states.transpose(1, 2)
+    qk_norm_rope: (f32[2, 4, 1, 16], f32[2, 2, 1, 16]) = cohere_fx.qk_norm_rope(query_states, key_states, cos_2, sin_2, model.model.layers.0.self_attn.q_norm.weight, model.model.layers.0.self_attn.k_norm.weight, 1e-05)
+    qk_norm_rope_k: f32[2, 2, 1, 16] = qk_norm_rope[1]
+    qk_norm_rope_q: f32[2, 4, 1, 16] = qk_norm_rope[0]
+    getitem_8: f32[2, 2, 16] = qk_norm_rope_k[:, :, -1]
+    to_13: f32[2, 2, 16] = getitem_8.to(torch.float32)
+    floordiv: i64[2] = view_write_slots_full_attention // 4
+    mod: i64[2] = view_write_slots_full_attention % 4
+    setitem = setitem(view_k_pools_0, (floordiv, mod), to_13)
+    getitem_9: f32[2, 2, 16] = value_states_1[:, :, -1]
+    to_14: f32[2, 2, 16] = getitem_9.to(torch.float32)
+    floordiv_1: i64[2] = view_write_slots_full_attention // 4
+    mod_1: i64[2] = view_write_slots_full_attention % 4
+    setitem_1 = setitem(view_v_pools_0, (floordiv_1, mod_1), to_14)
+    getitem_16: f32[2, 4, 16] = qk_norm_rope_q[:, :, 0]
+    paged_attention: f32[2, 4, 16] = cohere_fx.paged_attention(getitem_16, view_k_pools_0, view_v_pools_0, view_block_tables_full_attention, view_seq_lens, 0.25, 0)
+    unsqueeze_2: f32[2, 4, 1, 16] = paged_attention.unsqueeze(2)
+    transpose_6: f32[2, 1, 4, 16] = unsqueeze_2.transpose(1, 2)
+    attn_output_1: f32[2, 1, 4, 16] = transpose_6.contiguous()
+    reshape_2: f32[2, 1, 64] = attn_output_1.reshape(2, 1, -1)
+    attn_output_2: f32[2, 1, 64] = reshape_2.contiguous()
+    attn_output_3: f32[2, 1, 64] = torch.nn.functional.linear(attn_output_2, model.model.layers.0.self_attn.o_proj.weight, None)
+    linear_4: f32[2, 1, 256] = torch.nn.functional.linear(layer_norm, model.model.layers.0.mlp.gate_proj.weight, None)
+    linear_5: f32[2, 1, 256] = torch.nn.functional.linear(layer_norm, model.model.layers.0.mlp.up_proj.weight, None)
+    swiglu: f32[2, 1, 256] = cohere_fx.swiglu(linear_4, linear_5)
+    down_proj: f32[2, 1, 64] = torch.nn.functional.linear(swiglu, model.model.layers.0.mlp.down_proj.weight, None)
+    parallel_residual: f32[2, 1, 64] = cohere_fx.parallel_residual(inputs_embeds, attn_output_3, down_proj)
+    layer_norm_1: f32[2, 1, 64] = cohere_fx.layer_norm(parallel_residual, model.model.norm.weight, 1e-05)
+    getitem_14: f32[2, 1, 64] = layer_norm_1[:, 0:, :]
+    logits: f32[2, 1, 128] = torch.nn.functional.linear(getitem_14, model.model.embed_tokens.weight, None)
+    logits_1: f32[2, 1, 128] = logits * 0.25
+    getitem_15: f32[2, 128] = logits_1[:, -1]
+    float_7: f32[2, 128] = getitem_15.to(torch.float32)
+    return (float_7,)
+""")
+
     def test_cohere_one_layer(self):
         self.assertExpectedInline(_rewritten(CohereForCausalLM(tiny_cohere_config(layers=1)), 8), """\
 pattern               matches
 --------------------  -------
 qk_norm_rope                1
 rope                        0
+paged_attention             0
 causal_attention            1
 sliding_attention           0
 layer_norm                  2
+swiglu                      1
+parallel_residual           1
+linear_cross_entropy        0
 scaled_cross_entropy        0
-graph 0: 136 nodes -> 55 nodes
+lora_shared_input           0
+graph 0: 136 nodes -> 53 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -100,13 +219,11 @@ graph(
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
     attn_output_3: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_2, model.layers.0.self_attn.o_proj.weight, None)
     linear_4: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.gate_proj.weight, None)
-    silu: f32[2, 8, 256] = torch.nn.functional.silu(linear_4)
     linear_5: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.up_proj.weight, None)
-    mul_12: f32[2, 8, 256] = silu * linear_5
-    down_proj: f32[2, 8, 64] = torch.nn.functional.linear(mul_12, model.layers.0.mlp.down_proj.weight, None)
-    add_8: f32[2, 8, 64] = inputs_embeds + attn_output_3
-    hidden_states_12: f32[2, 8, 64] = add_8 + down_proj
-    layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(hidden_states_12, model.norm.weight, 1e-05)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(linear_4, linear_5)
+    down_proj: f32[2, 8, 64] = torch.nn.functional.linear(swiglu, model.layers.0.mlp.down_proj.weight, None)
+    parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(inputs_embeds, attn_output_3, down_proj)
+    layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual, model.norm.weight, 1e-05)
     getitem_12: f32[2, 8, 64] = layer_norm_1[:, 0:, :]
     logits: f32[2, 8, 128] = torch.nn.functional.linear(getitem_12, model.embed_tokens.weight, None)
     logits_1: f32[2, 8, 128] = logits * 0.25
@@ -119,11 +236,16 @@ pattern               matches
 --------------------  -------
 qk_norm_rope                0
 rope                        3
+paged_attention             0
 causal_attention            1
 sliding_attention           3
 layer_norm                  5
+swiglu                      4
+parallel_residual           4
+linear_cross_entropy        0
 scaled_cross_entropy        0
-graph 0: 316 nodes -> 151 nodes
+lora_shared_input           0
+graph 0: 316 nodes -> 143 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -214,13 +336,11 @@ graph(
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
     attn_output_3: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_2, model.layers.0.self_attn.o_proj.weight, None)
     linear_4: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.gate_proj.weight, None)
-    silu: f32[2, 8, 256] = torch.nn.functional.silu(linear_4)
     linear_5: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.up_proj.weight, None)
-    mul_8: f32[2, 8, 256] = silu * linear_5
-    down_proj: f32[2, 8, 64] = torch.nn.functional.linear(mul_8, model.layers.0.mlp.down_proj.weight, None)
-    add_8: f32[2, 8, 64] = inputs_embeds + attn_output_3
-    hidden_states_6: f32[2, 8, 64] = add_8 + down_proj
-    layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(hidden_states_6, model.layers.1.input_layernorm.weight, 1e-05)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(linear_4, linear_5)
+    down_proj: f32[2, 8, 64] = torch.nn.functional.linear(swiglu, model.layers.0.mlp.down_proj.weight, None)
+    parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(inputs_embeds, attn_output_3, down_proj)
+    layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual, model.layers.1.input_layernorm.weight, 1e-05)
     linear_7: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm_1, model.layers.1.self_attn.q_proj.weight, None)
     view_3: f32[2, 8, 4, 16] = linear_7.view((2, 8, -1, 16))
     linear_8: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_1, model.layers.1.self_attn.k_proj.weight, None)
@@ -245,13 +365,11 @@ graph(
     attn_output_6: f32[2, 8, 64] = reshape_5.contiguous()
     attn_output_7: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_6, model.layers.1.self_attn.o_proj.weight, None)
     linear_11: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_1, model.layers.1.mlp.gate_proj.weight, None)
-    silu_1: f32[2, 8, 256] = torch.nn.functional.silu(linear_11)
     linear_12: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_1, model.layers.1.mlp.up_proj.weight, None)
-    mul_15: f32[2, 8, 256] = silu_1 * linear_12
-    down_proj_1: f32[2, 8, 64] = torch.nn.functional.linear(mul_15, model.layers.1.mlp.down_proj.weight, None)
-    add_13: f32[2, 8, 64] = hidden_states_6 + attn_output_7
-    hidden_states_13: f32[2, 8, 64] = add_13 + down_proj_1
-    layer_norm_2: f32[2, 8, 64] = cohere_fx.layer_norm(hidden_states_13, model.layers.2.input_layernorm.weight, 1e-05)
+    swiglu_1: f32[2, 8, 256] = cohere_fx.swiglu(linear_11, linear_12)
+    down_proj_1: f32[2, 8, 64] = torch.nn.functional.linear(swiglu_1, model.layers.1.mlp.down_proj.weight, None)
+    parallel_residual_1: f32[2, 8, 64] = cohere_fx.parallel_residual(parallel_residual, attn_output_7, down_proj_1)
+    layer_norm_2: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual_1, model.layers.2.input_layernorm.weight, 1e-05)
     linear_14: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm_2, model.layers.2.self_attn.q_proj.weight, None)
     view_6: f32[2, 8, 4, 16] = linear_14.view((2, 8, -1, 16))
     linear_15: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_2, model.layers.2.self_attn.k_proj.weight, None)
@@ -276,13 +394,11 @@ graph(
     attn_output_10: f32[2, 8, 64] = reshape_8.contiguous()
     attn_output_11: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_10, model.layers.2.self_attn.o_proj.weight, None)
     linear_18: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_2, model.layers.2.mlp.gate_proj.weight, None)
-    silu_2: f32[2, 8, 256] = torch.nn.functional.silu(linear_18)
     linear_19: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_2, model.layers.2.mlp.up_proj.weight, None)
-    mul_22: f32[2, 8, 256] = silu_2 * linear_19
-    down_proj_2: f32[2, 8, 64] = torch.nn.functional.linear(mul_22, model.layers.2.mlp.down_proj.weight, None)
-    add_18: f32[2, 8, 64] = hidden_states_13 + attn_output_11
-    hidden_states_20: f32[2, 8, 64] = add_18 + down_proj_2
-    layer_norm_3: f32[2, 8, 64] = cohere_fx.layer_norm(hidden_states_20, model.layers.3.input_layernorm.weight, 1e-05)
+    swiglu_2: f32[2, 8, 256] = cohere_fx.swiglu(linear_18, linear_19)
+    down_proj_2: f32[2, 8, 64] = torch.nn.functional.linear(swiglu_2, model.layers.2.mlp.down_proj.weight, None)
+    parallel_residual_2: f32[2, 8, 64] = cohere_fx.parallel_residual(parallel_residual_1, attn_output_11, down_proj_2)
+    layer_norm_3: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual_2, model.layers.3.input_layernorm.weight, 1e-05)
     linear_21: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm_3, model.layers.3.self_attn.q_proj.weight, None)
     view_9: f32[2, 8, 4, 16] = linear_21.view((2, 8, -1, 16))
     query_states_6: f32[2, 4, 8, 16] = view_9.transpose(1, 2)
@@ -303,13 +419,11 @@ graph(
     attn_output_14: f32[2, 8, 64] = reshape_11.contiguous()
     attn_output_15: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_14, model.layers.3.self_attn.o_proj.weight, None)
     linear_25: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_3, model.layers.3.mlp.gate_proj.weight, None)
-    silu_3: f32[2, 8, 256] = torch.nn.functional.silu(linear_25)
     linear_26: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_3, model.layers.3.mlp.up_proj.weight, None)
-    mul_25: f32[2, 8, 256] = silu_3 * linear_26
-    down_proj_3: f32[2, 8, 64] = torch.nn.functional.linear(mul_25, model.layers.3.mlp.down_proj.weight, None)
-    add_21: f32[2, 8, 64] = hidden_states_20 + attn_output_15
-    hidden_states_27: f32[2, 8, 64] = add_21 + down_proj_3
-    layer_norm_4: f32[2, 8, 64] = cohere_fx.layer_norm(hidden_states_27, model.norm.weight, 1e-05)
+    swiglu_3: f32[2, 8, 256] = cohere_fx.swiglu(linear_25, linear_26)
+    down_proj_3: f32[2, 8, 64] = torch.nn.functional.linear(swiglu_3, model.layers.3.mlp.down_proj.weight, None)
+    parallel_residual_3: f32[2, 8, 64] = cohere_fx.parallel_residual(parallel_residual_2, attn_output_15, down_proj_3)
+    layer_norm_4: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual_3, model.norm.weight, 1e-05)
     getitem_36: f32[2, 8, 64] = layer_norm_4[:, 0:, :]
     logits: f32[2, 8, 128] = torch.nn.functional.linear(getitem_36, model.embed_tokens.weight, None)
     logits_1: f32[2, 8, 128] = logits * 0.25

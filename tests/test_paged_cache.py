@@ -180,3 +180,39 @@ def test_allocator_rejects_double_free():
     assert allocator.num_free == 3  # the refused call freed nothing
     with pytest.raises(ValueError, match="twice"):
         allocator.free([blocks[1], blocks[1]])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["grow", "grow", "free"]), st.integers(0, 2), st.integers(1, 7)),
+                max_size=30))
+def test_cache_rows_never_share_leak_or_outgrow_the_window(ops):
+    """Rows grow as a DecodeRunner grows them (an empty row by a prompt of t tokens, then one token per step) and
+    are freed at random: for every layer kind the pages stay a partition of the pool, the device table mirrors
+    them, a refused growth changes nothing, and a sliding row never holds more than its window's pages."""
+    config = Cohere2Config(num_hidden_layers=4, sliding_window=4, **TINY)
+    cache = PagedKVCache(config, num_blocks=10, block_size=2, device="cpu", dtype=torch.float32, max_seqs=3,
+                         max_blocks_per_seq=16, num_sliding_blocks=8)
+
+    def state():
+        return ([dict(p) for pages in cache.page_tables.values() for p in pages.pages],
+                [cache.length(r) for r in range(3)], cache.num_free_blocks())
+
+    for op, row, t in ops:
+        if op == "free":
+            cache.free_sequence(row)
+        else:
+            before = state()
+            try:
+                cache.grow([row], t if cache.length(row) == 0 else 1)
+            except OutOfBlocksError as err:
+                assert err.seq == row and state() == before
+        for kind, pages in cache.page_tables.items():
+            owned = [b for p in pages.pages for b in p.values()]
+            assert len(owned) == len(set(owned)) and len(owned) + pages.allocator.num_free == pages.allocator.num_blocks
+            for r, p in enumerate(pages.pages):
+                expected = torch.zeros(16, dtype=torch.int32)
+                expected[list(p)] = torch.tensor(list(p.values()), dtype=torch.int32)
+                assert torch.equal(pages.table[r], expected)
+                if pages.window:
+                    assert len(p) <= -(-4 // 2) + 1
+        assert cache.seq_lens.tolist() == [cache.length(r) for r in range(3)]

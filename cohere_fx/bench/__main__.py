@@ -3,6 +3,7 @@
 Examples (GPU):
     python -m cohere_fx.bench train --mode full            # r7b-8L, B2xS2048, eager vs inductor vs cohere_fx
     python -m cohere_fx.bench decode --batch 1,16 --prompt 512 --new 128
+    python -m cohere_fx.bench decode --batch 1,16,64 --engine --compare eager,cohere_fx
     python -m cohere_fx.bench prefill --preset command-r7b --batch 1 --seq 4096 --logits-to-keep 1
     python -m cohere_fx.bench report                       # BENCHMARKS.md from benchmarks/results/*.json
 CPU smoke (tiny model, fp32, one timed call, no warm-up):
@@ -77,8 +78,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", type=int, help="prompt tokens (default 512)")
     d.add_argument("--new", type=int, help="generated tokens (default 128)")
     d.add_argument("--paged", action="store_true", help="cohere_fx decodes with cohere_fx.runtime.PagedKVCache")
+    d.add_argument("--engine", action="store_true", help="cohere_fx decodes with cohere_fx.runtime.Engine "
+                   "(continuous batching, compiled decode step); also reports steady-state decode tok/s")
     k = sub.add_parser("kernels", parents=[common], help="each cohere_fx op vs the HF math, eager and compiled")
-    k.add_argument("--kernels", type=_names, help="default: layer_norm,qk_norm_rope,rope,scaled_cross_entropy")
+    k.add_argument("--kernels", type=_names, help="default: layer_norm,qk_norm_rope,rope,scaled_cross_entropy,swiglu,"
+                                                 "parallel_residual")
     k.add_argument("--directions", type=_names, default=["fwd", "fwd+bwd"])
     k.add_argument("--batch", type=int)
     k.add_argument("--seq", type=int)

@@ -1,10 +1,11 @@
 """Kernel benchmarks: each torch.ops.cohere_fx op against the HF math it replaces.
 
-eager: the HF code itself (CohereLayerNorm, apply_rotary_pos_emb) or HF's loss math, on the tensors the HF
-graph hands it; inductor: torch.compile of that same function (what inductor makes of the math); cohere_fx:
-the op. Forward alone and forward + backward (torch.autograd.grad with fixed output gradients). What each
-system returns, the outputs or the input gradients, is checked against eager once (``rel_err`` =
-||out - ref|| / ||ref||, worst tensor): a fast wrong kernel must not look like a win.
+eager: the HF code itself (CohereLayerNorm, apply_rotary_pos_emb, CohereMLP's ``act_fn(gate) * up``, the
+decoder layer's residual sum) or HF's loss math, on the tensors the HF graph hands it; inductor: torch.compile
+of that same function (what inductor makes of the math); cohere_fx: the op. Forward alone and forward +
+backward (torch.autograd.grad with fixed output gradients). What each system returns, the outputs or the input
+gradients, is checked against eager once (``rel_err`` = ||out - ref|| / ||ref||, worst tensor): a fast wrong
+kernel must not look like a win.
 
 Bytes (the GB/s column) are the minimum traffic: forward reads every input and writes every output; the
 backward reads the inputs again and the output gradients, and writes the input gradients.
@@ -19,7 +20,9 @@ from cohere_fx.bench.systems import run_systems
 from cohere_fx.bench.timing import device_limits, measure
 from cohere_fx.bench.workloads import limit_ms, rates
 
-KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy")
+KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu", "parallel_residual")
+# The backward of parallel_residual is its output gradient, passed on unchanged: no kernel to time.
+FORWARD_ONLY = ("parallel_residual",)
 IGNORE_INDEX = -100
 
 
@@ -40,6 +43,7 @@ def _hf_norm(x, weight, eps):
 
 def _case(name, shape: Shape, config, batch, seq, device, dtype):
     """(inputs, indices of differentiable inputs, HF reference fn, fn calling the op)."""
+    from transformers.activations import ACT2FN
     from transformers.models.cohere.modeling_cohere import CohereRotaryEmbedding, apply_rotary_pos_emb
 
     def rand(*size, dt=dtype):
@@ -58,6 +62,13 @@ def _case(name, shape: Shape, config, batch, seq, device, dtype):
         return ([rand(rows, shape.vocab), labels], [0],
                 lambda z, y: F.cross_entropy((z * scale).float(), y, ignore_index=IGNORE_INDEX, reduction="none"),
                 lambda z, y: ops.scaled_cross_entropy(z, y, scale, IGNORE_INDEX)[0])
+    if name == "swiglu":  # CohereMLP: act_fn(gate_proj(x)) * up_proj(x), on the two projections' outputs
+        act = ACT2FN[config.hidden_act]
+        return ([rand(batch, seq, shape.ffn), rand(batch, seq, shape.ffn)], [0, 1],
+                lambda g, u: act(g) * u, lambda g, u: ops.swiglu(g, u))
+    if name == "parallel_residual":  # CohereDecoderLayer: residual + hidden_states_attention + hidden_states_mlp
+        return ([rand(batch, seq, shape.hidden) for _ in range(3)], [0, 1, 2],
+                lambda r, a, m: r + a + m, lambda r, a, m: ops.parallel_residual(r, a, m))
     # q, k as q_proj/k_proj(h).view(B, S, heads, D): the tensors the HF graph hands to q_norm (or transposes).
     q, k = rand(batch, seq, shape.heads, shape.head_dim), rand(batch, seq, shape.kv_heads, shape.head_dim)
     positions = torch.arange(seq, device=device)[None].expand(batch, seq)
@@ -121,6 +132,8 @@ def kernels(args) -> dict:
             print(f"[kernels] {name}: cohere_fx skipped: {missing}", file=sys.stderr)
         for direction in args.directions:
             backward = direction == "fwd+bwd"
+            if backward and name in FORWARD_ONLY:
+                continue
             grads_out = [torch.randn_like(r) for r in refs] if backward else []
             leaves = [t.detach().requires_grad_(backward and i in diff) for i, t in enumerate(inputs)]
             wrt = [leaves[i] for i in diff]

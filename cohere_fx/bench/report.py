@@ -15,6 +15,7 @@ ORDER = ("train-full", "train-lora", "train-qlora", "prefill", "decode", "kernel
 COLUMNS = (
     ("ms", "ms", "{:.4g}"),
     ("tok_s", "tok/s", "{:.4g}"),
+    ("decode_tok_s", "decode tok/s", "{:.4g}"),  # --engine: decode steps alone (tok/s is end to end)
     ("x_inductor", "× inductor", "{:.2f}×"),
     ("x_eager", "× eager", "{:.2f}×"),
     ("peak_gib", "peak GiB", "{:.3g}"),

@@ -8,9 +8,12 @@ The workloads are those of ../shared/anchors so that numbers compare with them:
 - decode: ``generate`` greedy with min_new_tokens = max_new_tokens, timed end to end (prefill included);
   tok/s = batch * new / time. eager: the default dynamic cache. inductor: static cache + HF's own compile
   (its default CompileConfig), the anchors' "static_hf_autocompile". cohere_fx: the same mechanism with
-  backend="cohere_fx", or with ``--paged`` the cohere_fx.runtime paged cache (the hook for the paged runtime).
+  backend="cohere_fx", or with ``--paged`` the cohere_fx.runtime paged cache (the hook for the paged runtime),
+  or with ``--engine`` the cohere_fx.runtime continuous-batching engine, which also reports its steady-state
+  decode tok/s (decode steps alone, prefill left out) beside the end-to-end tok/s.
 """
 import math
+import time
 
 import torch
 
@@ -166,7 +169,41 @@ def _generate_kwargs(system, model, options, args, batch):
     return lambda: {"cache_implementation": "static", "compile_config": config}, how
 
 
+def _engine_decode(model, options, args, x) -> tuple[dict, str]:
+    """Times the workload through ``cohere_fx.runtime.Engine``: the B prompts are added, the first step prefills
+    them all (their first tokens), every later step decodes all B at once until each has ``new`` tokens."""
+    from cohere_fx.runtime import Engine, SamplingParams
+
+    batch = x.shape[0]
+    engine = Engine(model, max_batch=batch, max_seq_len=args.prompt + args.new, compile=True,
+                    options=options or None, stop_token_ids=())  # no early stop: every request makes ``new`` tokens
+    params = SamplingParams(max_new_tokens=args.new)
+    decode_s = []
+
+    def run():
+        for prompt in x:
+            engine.add_request(prompt, params)
+        engine.step()
+        if engine.num_waiting:
+            raise RuntimeError(f"the engine admitted {batch - engine.num_waiting} of {batch} prompts in one step")
+        start = time.perf_counter()  # step() ends in a host copy of the tokens: the device is done when it returns
+        while not engine.idle:
+            engine.step()
+        decode_s.append(time.perf_counter() - start)
+
+    result = measure(run, args.device, args.iters, args.warmup, f"decode B{batch} cohere_fx engine")
+    if args.new > 1:
+        result["decode_tok_s"] = batch * (args.new - 1) / sorted(decode_s[-args.iters:])[args.iters // 2]
+    runner = engine.runner
+    how = (f"cohere_fx.runtime.Engine(model, max_batch={batch}, max_seq_len={runner.max_seq_len}, "
+           f"options={options!r}): prefill eager (SDPA), decode step compiled with backend='cohere_fx'"
+           + (", CUDA graph per batch bucket" if runner.cuda_graphs else ""))
+    return result, how
+
+
 def decode(args) -> dict:
+    if args.paged and args.engine:
+        raise SystemExit("--paged and --engine are two ways for cohere_fx to decode: pick one")
     config = config_for(args.preset, args.layers, args.model, args.attn)
     shape = Shape.of(config)
     model = build_model(config, args.device, args.dtype, path=args.model, seed=args.seed).eval()
@@ -184,12 +221,15 @@ def decode(args) -> dict:
                 with torch.no_grad():
                     model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, **extra())
 
-            try:
-                extra, how = _generate_kwargs(system, model, options, args, batch)
-                result = measure(generate, args.device, args.iters, args.warmup, f"decode B{batch} {system}")
-            finally:  # the compiled forward, HF's or --paged's, must not outlive this system
-                model.__dict__.pop("_compiled_call", None)
-                model.__dict__.pop("forward", None)
+            if system == "cohere_fx" and args.engine:
+                result, how = _engine_decode(model, options, args, x)
+            else:
+                try:
+                    extra, how = _generate_kwargs(system, model, options, args, batch)
+                    result = measure(generate, args.device, args.iters, args.warmup, f"decode B{batch} {system}")
+                finally:  # the compiled forward, HF's or --paged's, must not outlive this system
+                    model.__dict__.pop("_compiled_call", None)
+                    model.__dict__.pop("forward", None)
             result["tok_s"] = batch * new / (result["ms"] / 1e3)
             return {**result, **rates(0, nbytes, result["ms"], limits), "how": how}
 
@@ -201,5 +241,5 @@ def decode(args) -> dict:
                       "results": results, "limit": limit})
     return {"workload": "decode", "model": _model_info(args, config, model), "limits": limits,
             "params": {"batch": args.batch, "prompt": args.prompt, "new": new, "weight_bytes": wbytes,
-                       "paged": args.paged},
+                       "paged": args.paged, "engine": args.engine},
             "cases": cases}

@@ -7,3 +7,5 @@ from cohere_fx.ops import layer_norm  # noqa: F401
 from cohere_fx.ops import cross_entropy  # noqa: F401
 from cohere_fx.ops import qk_norm_rope  # noqa: F401
 from cohere_fx.ops import paged_attention  # noqa: F401
+from cohere_fx.ops import swiglu  # noqa: F401
+from cohere_fx.ops import parallel_residual  # noqa: F401

@@ -19,7 +19,7 @@ def _describe(match: Match) -> str:
     return ", ".join(n.name for n in match.outputs)
 
 
-def _replace(match: Match) -> None:
+def _replace(match: Match, replaced: dict) -> None:
     graph = match.graph
     last = max(match.nodes, key=_position(graph))
     with graph.inserting_after(last):
@@ -37,6 +37,7 @@ def _replace(match: Match) -> None:
             replacement.meta.setdefault("example_value", fake_value(old))
         replacement.meta.setdefault("stack_trace", old.meta.get("stack_trace"))
         old.replace_all_uses_with(replacement)
+        replaced[old] = replacement
     producers = {a for node in match.nodes for a in node.all_input_nodes} - set(match.nodes)
     for node in sorted(match.nodes, key=_position(graph), reverse=True):
         if not node.users:
@@ -72,14 +73,24 @@ def _position(graph: torch.fx.Graph):
     return order.__getitem__
 
 
+def _current(node, replaced: dict):
+    """What a node found before earlier replacements of this pass now is (matches are all found first, so one
+    match's input may be an earlier match's output: layer i + 1's residual is layer i's sum)."""
+    while node in replaced:
+        node = replaced[node]
+    return node
+
+
 def apply_pattern(pattern: Pattern, graph: torch.fx.Graph) -> PatternResult:
     result = PatternResult(pattern.name)
+    replaced: dict = {}
     for variant in pattern.variants:
         for match in pattern.find(graph, variant):
+            match.bindings = {name: _current(bound, replaced) for name, bound in match.bindings.items()}
             reason = pattern.check(match)
             if reason is not None:
                 result.near_misses.append((match.outputs[0], f"{_describe(match)}: {reason}"))
                 continue
-            _replace(match)
+            _replace(match, replaced)
             result.count += 1
     return result

@@ -1,10 +1,29 @@
 """The registry of fusions, in the order the pipeline applies them. One file per fusion."""
-from cohere_fx.patterns import (causal_attention, layer_norm, qk_norm_rope, rope, scaled_cross_entropy,
-                                sliding_attention)
+from cohere_fx.patterns import causal_attention
+from cohere_fx.patterns import layer_norm
+from cohere_fx.patterns import linear_cross_entropy
+from cohere_fx.patterns import lora_shared_input
+from cohere_fx.patterns import paged_attention
+from cohere_fx.patterns import parallel_residual
+from cohere_fx.patterns import qk_norm_rope
+from cohere_fx.patterns import rope
+from cohere_fx.patterns import scaled_cross_entropy
+from cohere_fx.patterns import sliding_attention
+from cohere_fx.patterns import swiglu
 from cohere_fx.patterns.base import Match, Pattern
 
-PATTERNS: dict[str, Pattern] = {p.name: p for p in (qk_norm_rope.PATTERN, rope.PATTERN, causal_attention.PATTERN,
-                                              sliding_attention.PATTERN, layer_norm.PATTERN,
-                                              scaled_cross_entropy.PATTERN)}
+PATTERNS: dict[str, Pattern] = {p.name: p for p in (
+    qk_norm_rope.PATTERN,
+    rope.PATTERN,
+    paged_attention.PATTERN,  # before causal_attention: decode SDPA over a paged cache
+    causal_attention.PATTERN,
+    sliding_attention.PATTERN,
+    layer_norm.PATTERN,
+    swiglu.PATTERN,
+    parallel_residual.PATTERN,
+    linear_cross_entropy.PATTERN,  # only with options={"return_logits": False}
+    scaled_cross_entropy.PATTERN,
+    lora_shared_input.PATTERN,
+)}
 
 __all__ = ["PATTERNS", "Match", "Pattern"]

@@ -15,7 +15,12 @@ Layout:
   behind it holds 0, so a stray read stays inside the pool;
 - ``seq_lens [max_seqs]`` int32: tokens written per sequence (the logical length, the same for every layer).
 Row ``i`` is sequence ``i``; in ``generate`` that is batch row ``i``.
+
+Two ways in: HF ``generate`` (eager, ``update`` plans pages itself, off the graph), and the runner's traced decode
+step (``PagedDecodeView``: the host grows rows with ``grow``, the graph only writes and reads pages). Both share
+the page bookkeeping and the ``write_rows`` store.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +30,17 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from cohere_fx.runtime.block_allocator import BlockAllocator, OutOfBlocksError
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def to_device(values: list, device) -> Tensor:
+    """``values`` as an int64 tensor on ``device``. On CUDA through pinned memory, so the copy is asynchronous:
+    from pageable memory it would wait for the GPU to finish its queued work (a decode step, say)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 @dataclass
@@ -58,22 +72,24 @@ class _BlockTable:
     def plan(self, seq: int, n: int, t: int) -> tuple[list[int], list[int]]:
         """Logical blocks of ``seq`` to drop (out of the window) and to back with new pages."""
         bs, last = self.block_size, (n + t - 1) // self.block_size
-        if last >= self.width:
-            raise OutOfBlocksError(
-                f"sequence {seq} would hold {n + t} tokens but its block table has room for {self.width * bs} "
-                "(raise max_blocks_per_seq)",
-                seq,
-            )
         keep_from, write_from = self.span(n, t)
         pages = self.pages[seq]
         drop = [j for j in pages if j < keep_from // bs]
         grow = [j for j in range(write_from // bs, last + 1) if j not in pages]
         return drop, grow
 
-    def check(self, plans: list[tuple[list[int], list[int]]]) -> None:
-        """Raise, naming the first sequence that cannot be served, before anything is changed."""
-        left = self.allocator.num_free + sum(len(drop) for drop, _ in plans)
-        for seq, (_, grow) in enumerate(plans):
+    def check(self, plans: dict[int, tuple[list[int], list[int]]], lens: dict[int, int]) -> None:
+        """Raise, naming the first sequence that cannot be served, before anything is changed. ``plans`` and
+        ``lens`` (the length each sequence would reach) are keyed by sequence."""
+        for seq, n in lens.items():
+            if n > self.width * self.block_size:
+                raise OutOfBlocksError(
+                    f"sequence {seq} would hold {n} tokens but its block table has room for "
+                    f"{self.width * self.block_size} (raise max_blocks_per_seq)",
+                    seq,
+                )
+        left = self.allocator.num_free + sum(len(drop) for drop, _ in plans.values())
+        for seq, (_, grow) in plans.items():
             if len(grow) > left:
                 raise OutOfBlocksError(
                     f"sequence {seq} needs {len(grow)} more KV block(s) for its {self.kind} layers but only {left} "
@@ -82,21 +98,25 @@ class _BlockTable:
                 )
             left -= len(grow)
 
-    def apply(self, plans: list[tuple[list[int], list[int]]]) -> None:
+    def apply(self, plans: dict[int, tuple[list[int], list[int]]]) -> None:
         writes = []  # (row, column, block): one scatter into the device table
-        for seq, (drop, grow) in enumerate(plans):
+        for seq, (drop, grow) in plans.items():
             pages = self.pages[seq]
             self.allocator.free([pages.pop(j) for j in drop])
             for j, block in zip(grow, self.allocator.allocate(len(grow), seq)):
                 pages[j] = block
             writes += [(seq, j, 0) for j in drop] + [(seq, j, pages[j]) for j in grow]
         if writes:
-            rows, cols, vals = torch.tensor(writes, dtype=torch.int64).T.to(self.table.device)
+            rows, cols, vals = to_device(writes, self.table.device).T
             self.table.index_put_((rows, cols), vals.to(torch.int32))
 
-    def step(self, n: int, batch: int, t: int) -> _Step:
+    def row(self, seq: int, pos: int) -> int:
+        """Flat pool row (``page * block_size + offset``) holding position ``pos`` of ``seq``."""
+        return self.pages[seq][pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def step(self, n: int, rows: list[int], t: int) -> _Step:
         keep_from, write_from = self.span(n, t)
-        table = self.table[:batch].long()
+        table = self.table[torch.tensor(rows, device=self.table.device)].long()
         dev, bs = table.device, self.block_size
 
         def slots(lo: int, hi: int) -> Tensor:
@@ -156,13 +176,35 @@ class PagedLayer(CacheLayerMixin):
         raise NotImplementedError("PagedKVCache does not support beam search (reorder_cache)")
 
 
+def write_rows(pool: Tensor, slots: Tensor, rows: Tensor) -> None:
+    """Store ``rows`` ``[n, Hkv, D]`` at the flat pool rows ``slots`` ``[n]`` (``page * block_size + offset``).
+    One ``index_put_`` on the pool itself (page, offset), as gpt-fast writes its cache: inductor re-inplaces it.
+    Through a ``view`` of the pool, torch 2.11's inductor wrote a copy of the whole pool and copied it back."""
+    block_size = pool.shape[1]
+    pool[slots // block_size, slots % block_size] = rows.to(pool.dtype)
+
+
+def gather_pages(pool: Tensor, block_tables: Tensor) -> Tensor:
+    """``[B, Hkv, W * block_size, D]``: the pages of every block-table entry ``[B, W]``, in position order."""
+    return pool[block_tables].flatten(1, 2).transpose(1, 2)
+
+
+def length_mask(seq_lens: Tensor, positions: Tensor) -> Tensor:
+    """``[B, 1, 1, K]`` bool: key position ``k`` is visible to the query at ``len - 1`` (``k < len``)."""
+    return (positions < seq_lens[:, None])[:, None, None, :]
+
+
+def window_mask(seq_lens: Tensor, positions: Tensor, window: int) -> Tensor:
+    """``[B, 1, 1, K]`` bool: as ``length_mask``, and inside the sliding window (``k >= len - window``)."""
+    lens = seq_lens[:, None]
+    return ((positions < lens) & (positions >= lens - window))[:, None, None, :]
+
+
 def _write_and_gather(states: Tensor, pool: Tensor, step: _Step) -> Tensor:
     """Write the step's new tokens into their pages; return past pages + new states as ``[B, Hkv, L, D]``."""
     b, h, t, d = states.shape
-    rows = pool.view(-1, h, d)
-    new = states[:, :, t - step.n_write:].transpose(1, 2).reshape(-1, h, d)
-    rows.index_copy_(0, step.write_slots, new.to(rows.dtype))
-    past = rows[step.read_slots].transpose(1, 2).to(states.dtype)
+    write_rows(pool, step.write_slots, states[:, :, t - step.n_write:].transpose(1, 2).reshape(-1, h, d))
+    past = pool.view(-1, h, d)[step.read_slots].transpose(1, 2).to(states.dtype)
     return torch.cat([past, states], dim=2)
 
 
@@ -172,7 +214,8 @@ class PagedKVCache(Cache):
     ``num_blocks`` pages of ``block_size`` tokens per full-attention layer; sliding layers get
     ``num_sliding_blocks`` (default: enough for ``max_seqs`` sequences' windows, at most ``num_blocks``).
     ``device`` / ``dtype`` default to those of the first ``update``. A ``generate`` call uses rows
-    ``0 .. batch - 1``; call ``reset()`` before reusing the cache for new prompts.
+    ``0 .. batch - 1`` (``select_rows`` picks others); call ``reset()`` before reusing the cache for new prompts.
+    A ``DecodeRunner`` grows rows one by one (``grow``) and decodes through ``PagedDecodeView``.
     """
 
     def __init__(
@@ -192,19 +235,20 @@ class PagedKVCache(Cache):
         unknown = set(layer_types) - {"full_attention", "sliding_attention"}
         if unknown:
             raise ValueError(f"PagedKVCache supports full and sliding attention layers, not {sorted(unknown)}")
-        width = max_blocks_per_seq or _cdiv(text_config.max_position_embeddings, block_size)
+        width = max_blocks_per_seq or cdiv(text_config.max_position_embeddings, block_size)
         window = layer_kwargs.get("sliding_window") or 0
         if num_sliding_blocks is None:  # a step holds at most the past window and a window of new tokens
-            num_sliding_blocks = min(num_blocks, max_seqs * (_cdiv(2 * window, block_size) + 2))
-        self.block_size, self.max_seqs = block_size, max_seqs
+            num_sliding_blocks = min(num_blocks, max_seqs * (cdiv(2 * window, block_size) + 2))
+        self.block_size, self.max_seqs, self.width = block_size, max_seqs, width
         self._tables = {
             kind: _BlockTable(kind, num_sliding_blocks if kind == "sliding_attention" else num_blocks, block_size,
                               window if kind == "sliding_attention" else 0, max_seqs, width)
             for kind in dict.fromkeys(layer_types)
         }
         self._lens = [0] * max_seqs
+        self._rows: list[int] | None = None  # cache rows of the batch rows (None: 0 .. batch - 1)
         self.seq_lens: Tensor | None = None  # int32 [max_seqs], made on the cache's device
-        self._step_key: tuple[int, int, int] | None = None
+        self._step_key: tuple[int, tuple[int, ...], int] | None = None
         self._steps: dict[str, _Step] = {}
         super().__init__(layers=[PagedLayer(self._tables[kind], device, dtype) for kind in layer_types])
         if device is not None:
@@ -219,9 +263,14 @@ class PagedKVCache(Cache):
             pages.table = torch.zeros(self.max_seqs, pages.width, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(self.max_seqs, dtype=torch.int32, device=device)
 
+    @property
+    def page_tables(self) -> dict[str, "_BlockTable"]:
+        """Layer kind -> its pages (allocator, host page maps, device block table)."""
+        return self._tables
+
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, cache_kwargs=None, **kwargs):
-        """Write the new K/V ``[B, Hkv, T, D]`` into the pages of rows ``0 .. B-1``; return the K/V attention
-        needs, as the matching dynamic HF layer would."""
+        """Write the new K/V ``[B, Hkv, T, D]`` into the pages of rows ``0 .. B-1`` (or the selected rows);
+        return the K/V attention needs, as the matching dynamic HF layer would."""
         layer = self.layers[layer_idx]
         if self.seq_lens is None:
             self._make_tables(layer.device or key_states.device)
@@ -231,25 +280,59 @@ class PagedKVCache(Cache):
     @torch.compiler.disable  # host-side bookkeeping (free lists, Python ints): run it, never trace it
     def _advance(self, n: int, batch: int, t: int) -> dict[str, _Step]:
         """The first layer to reach a new step grows every table (all or nothing); later layers reuse it."""
-        if self._step_key == (n, batch, t):
+        rows = tuple(self._rows if self._rows is not None else range(batch))
+        if self._step_key == (n, rows, t):
             return self._steps
-        if batch > self.max_seqs:
-            raise ValueError(f"batch of {batch} sequences but the cache was made with max_seqs={self.max_seqs}")
-        if any(length != n for length in self._lens[:batch]):
+        if batch > self.max_seqs or len(rows) != batch:
+            raise ValueError(f"batch of {batch} sequences but the cache was made with max_seqs={self.max_seqs}"
+                             if self._rows is None else f"batch of {batch} sequences but rows {list(rows)} selected")
+        lens = [self._lens[r] for r in rows]
+        if any(length != n for length in lens):
             raise RuntimeError(
-                f"rows 0..{batch - 1} of the cache hold {self._lens[:batch]} tokens, the layer expects {n} each "
+                f"rows {list(rows)} of the cache hold {lens} tokens, the layer expects {n} each "
                 "(call reset() before reusing the cache for new prompts)"
             )
-        plans = {kind: [pages.plan(seq, n, t) for seq in range(batch)] for kind, pages in self._tables.items()}
+        self.grow(list(rows), t)
+        self._step_key = (n, rows, t)
+        self._steps = {kind: pages.step(n, list(rows), t) for kind, pages in self._tables.items()}
+        return self._steps
+
+    def grow(self, rows: list[int], t: int) -> None:
+        """Give each of ``rows`` pages for ``t`` more tokens (sliding layers drop what left their window), all or
+        nothing: ``OutOfBlocksError`` naming the first row that cannot be served, before anything changes."""
+        if len(set(rows)) != len(rows) or not all(0 <= r < self.max_seqs for r in rows):
+            raise ValueError(f"rows {rows} must be distinct and in 0 .. {self.max_seqs - 1}")
+        plans = {kind: {r: pages.plan(r, self._lens[r], t) for r in rows} for kind, pages in self._tables.items()}
+        new_lens = {r: self._lens[r] + t for r in rows}
         for kind, pages in self._tables.items():
-            pages.check(plans[kind])
+            pages.check(plans[kind], new_lens)
         for kind, pages in self._tables.items():
             pages.apply(plans[kind])
-        self._lens[:batch] = [n + t] * batch
-        self.seq_lens[:batch] += t
-        self._step_key = (n, batch, t)
-        self._steps = {kind: pages.step(n, batch, t) for kind, pages in self._tables.items()}
-        return self._steps
+        for r in rows:
+            self._lens[r] += t
+        self.seq_lens[to_device(rows, self.seq_lens.device)] += t
+
+    def length(self, row: int) -> int:
+        """Tokens cached in ``row``."""
+        return self._lens[row]
+
+    @contextlib.contextmanager
+    def select_rows(self, rows: list[int]):
+        """Inside the block, batch row ``i`` of a forward pass is cache row ``rows[i]`` (they must hold equally
+        many tokens): how a runner prefills one sequence into its own row through the eager path."""
+        lens = {self._lens[r] for r in rows}
+        if len(lens) != 1:
+            raise ValueError(f"rows {rows} hold different lengths {[self._lens[r] for r in rows]}")
+        saved = [layer.seen for layer in self.layers]
+        self._rows, self._step_key = list(rows), None
+        for layer in self.layers:
+            layer.seen = self._lens[rows[0]]
+        try:
+            yield self
+        finally:
+            self._rows, self._step_key = None, None
+            for layer, seen in zip(self.layers, saved):
+                layer.seen = seen
 
     def paged_attention_inputs(self, layer_idx: int, batch_size: int | None = None):
         """``(k_pool, v_pool, block_tables, seq_lens, window)`` of a layer, as ``paged_attention`` takes them,
@@ -276,3 +359,44 @@ class PagedKVCache(Cache):
 
     def num_free_blocks(self) -> dict[str, int]:
         return {kind: pages.allocator.num_free for kind, pages in self._tables.items()}
+
+
+class PagedDecodeView:
+    """The cache as one compiled decode step of ``batch`` rows sees it: static device buffers only.
+
+    Why a view: the traced step must hold no host bookkeeping (that breaks graphs) and keep the same tensors from
+    step to step (no recompiles, CUDA-graph replay). The runner grows the cache on the host, then ``copy_``s the
+    step's block tables, lengths (including the new token) and write slots into these buffers. ``update`` writes
+    the new token's K/V with an ``index_put_`` and returns the K/V gathered through the block table; the masks
+    come from the lengths. Traced, that is the gather + mask + SDPA the ``paged_attention`` pattern replaces by
+    the op reading the pools in place. Duck-typed as the one ``Cache`` method a decoder layer calls.
+    """
+
+    def __init__(self, cache: PagedKVCache, batch: int):
+        device = cache.seq_lens.device
+        self.kinds = [layer.pages.kind for layer in cache.layers]
+        self.windows = {kind: pages.window for kind, pages in cache.page_tables.items()}
+        self.k_pools = [layer.k_pool for layer in cache.layers]
+        self.v_pools = [layer.v_pool for layer in cache.layers]
+        self.block_tables = {kind: torch.zeros(batch, cache.width, dtype=torch.int32, device=device)
+                             for kind in self.windows}
+        self.write_slots = {kind: torch.zeros(batch, dtype=torch.int64, device=device) for kind in self.windows}
+        self.seq_lens = torch.ones(batch, dtype=torch.int32, device=device)
+        self.kv_len = cache.width * cache.block_size
+        for t in (*self.k_pools, *self.v_pools, *self.block_tables.values(), *self.write_slots.values(),
+                  self.seq_lens):
+            torch._dynamo.mark_static_address(t)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, cache_kwargs=None, **kwargs):
+        kind = self.kinds[layer_idx]
+        k_pool, v_pool = self.k_pools[layer_idx], self.v_pools[layer_idx]
+        write_rows(k_pool, self.write_slots[kind], key_states[:, :, -1])
+        write_rows(v_pool, self.write_slots[kind], value_states[:, :, -1])
+        table = self.block_tables[kind]
+        return gather_pages(k_pool, table), gather_pages(v_pool, table)
+
+    def attention_masks(self) -> dict[str, Tensor]:
+        """Layer kind -> its ``[B, 1, 1, K]`` bool mask over the gathered positions."""
+        positions = torch.arange(self.kv_len, device=self.seq_lens.device)
+        return {kind: window_mask(self.seq_lens, positions, window) if window else
+                length_mask(self.seq_lens, positions) for kind, window in self.windows.items()}
