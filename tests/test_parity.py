@@ -54,7 +54,8 @@ def test_inductor_training_parity_keeps_fx_graph_cache():
 
 def test_gradient_checkpointing_layers_are_rewritten_inside_their_checkpoint():
     """HF gradient checkpointing puts each decoder layer in a torch.utils.checkpoint subgraph: the patterns
-    apply inside it (the mask enters the subgraph as an input, so attention keeps it), and parity holds."""
+    apply inside it (the mask enters the subgraph as an input; its proof is made on the outer graph's constant
+    computation), and parity holds."""
     import cohere_fx
 
     model = CASES["cohere-gqa-qknorm"]()
@@ -62,4 +63,5 @@ def test_gradient_checkpointing_layers_are_rewritten_inside_their_checkpoint():
     ids = torch.randint(3, 128, (2, 8))
     matches = cohere_fx.explain(model, ids, labels=ids).matches
     assert (matches["qk_norm_rope"], matches["layer_norm"], matches["scaled_cross_entropy"]) == (2, 3, 1)
+    assert matches["causal_attention"] == 2  # the mask's proof follows the subgraph input to the outer graph
     assert_training_parity(model, ids, EAGER_RUN, tol=1e-5)

@@ -82,12 +82,13 @@ def test_bf16_model_with_fp32_adapters_fuses_through_peft_input_casts():
 def test_prepare_model_for_kbit_training_composes():
     """On a plain model ``prepare_model_for_kbit_training`` casts bf16 to fp32 and freezes the base; the input
     grads and gradient checkpointing it adds for a k-bit model are added here with the same calls. HF puts each
-    layer in a checkpoint subgraph, where the patterns apply; the attention mask enters those subgraphs as an
-    input, so causal_attention stays out for the plain checkpointed model as well."""
+    layer in a checkpoint subgraph, where the patterns apply (causal_attention included: the mask's proof
+    follows the subgraph input to the outer graph)."""
     ids = torch.randint(3, 128, (2, 8))
     plain = CohereForCausalLM(tiny_cohere_config(layers=1))
     plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     expected = cohere_fx.explain(plain, ids, labels=ids)
+    assert expected.matches["causal_attention"] == 1
 
     model = prepare_model_for_kbit_training(CohereForCausalLM(tiny_cohere_config(layers=1)).to(torch.bfloat16))
     assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -45,6 +45,27 @@ def _node_count(gm: torch.fx.GraphModule) -> int:
     return sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
 
 
+def _link_subgraph_inputs(gm: torch.fx.GraphModule) -> None:
+    """Record on each input of a higher-order op's subgraph (``meta["cohere_fx_outer"]``) the outer node passed to
+    it, where one call passes it: with HF gradient checkpointing the attention mask enters every layer's
+    subgraph as an input, and its proof (patterns/attention_mask.py) must see the constant computation outside."""
+    calls: dict = {}
+    for owner in [gm] + [m for m in gm.modules() if m is not gm and isinstance(m, torch.fx.GraphModule)]:
+        for node in owner.graph.nodes:
+            body = node.args[0] if node.op == "call_function" and node.args else None
+            if isinstance(body, torch.fx.Node) and body.op == "get_attr":
+                sub = getattr(owner, body.target, None)
+                if isinstance(sub, torch.fx.GraphModule):
+                    calls.setdefault(sub, []).append(node.args[1:])
+    for sub, operand_lists in calls.items():
+        inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(operand_lists) != 1 or len(operand_lists[0]) != len(inputs):
+            continue
+        for placeholder, operand in zip(inputs, operand_lists[0]):
+            if isinstance(operand, torch.fx.Node):
+                placeholder.meta["cohere_fx_outer"] = operand
+
+
 class CohereFxPasses(CustomGraphPass):
     def __init__(self, enabled=None):
         names = list(PATTERNS) if enabled is None else list(enabled)
@@ -60,6 +81,7 @@ class CohereFxPasses(CustomGraphPass):
                                skipped="no Cohere module in this graph: passed through unchanged")
         counts = {name: 0 for name in self.enabled}
         near_misses = {name: [] for name in self.enabled}
+        _link_subgraph_inputs(gm)
         # The graph itself, then the subgraphs of higher-order ops: with HF gradient checkpointing each decoder
         # layer is a torch.utils.checkpoint subgraph.
         for module in [gm] + [m for m in gm.modules() if m is not gm and isinstance(m, torch.fx.GraphModule)]:

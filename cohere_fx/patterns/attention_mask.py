@@ -16,27 +16,33 @@ _MAX_MASK_NODES = 64
 
 
 def constant_value(node: torch.fx.Node) -> Optional[torch.Tensor]:
-    """The value of ``node`` if it is computed from constants only (no graph input, no parameter), else None."""
-    order, stack, seen = [], [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        if n.op not in ("call_function", "call_method") or len(seen) > _MAX_MASK_NODES:
-            return None
-        seen.add(n)
-        order.append(n)
-        stack.extend(n.all_input_nodes)
-    env = {}
-    position = {n: i for i, n in enumerate(node.graph.nodes)}
-    for n in sorted(order, key=position.__getitem__):
-        args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
-        if n.op == "call_function":
-            env[n] = n.target(*args, **kwargs)
-        else:
-            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-    value = env[node]
-    return value if isinstance(value, torch.Tensor) else None
+    """The value of ``node`` if it is computed from constants only (no graph input, no parameter), else None.
+    A subgraph input linked to the outer node passed to it (``meta["cohere_fx_outer"]``, a checkpointed layer's
+    mask) is evaluated there."""
+    env: dict = {}
+
+    def value(n: torch.fx.Node):
+        if n in env:
+            return env[n]
+        if n.op == "placeholder" and "cohere_fx_outer" in n.meta:
+            env[n] = value(n.meta["cohere_fx_outer"])
+            return env[n]
+        if n.op not in ("call_function", "call_method") or len(env) > _MAX_MASK_NODES:
+            raise _NotConstant
+        args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), value)
+        env[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:],
+                                                                                                      **kwargs)
+        return env[n]
+
+    try:
+        result = value(node)
+    except _NotConstant:
+        return None
+    return result if isinstance(result, torch.Tensor) else None
+
+
+class _NotConstant(Exception):
+    """The mask reads something that is not a constant computation."""
 
 
 def mask_window(mask: torch.Tensor, q_len: int, kv_len: int) -> Optional[int]:
