@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_suite.sh train      # r7b-8L full fine-tune step B2xS2048, with logits and return_logits=false
 #   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new (decode64: batch 64)
 #   bash benchmarks/gpu_suite.sh engine     # the same through cohere_fx.runtime.Engine (paged, CUDA graphs), B1 and B16
+#   bash benchmarks/gpu_suite.sh engine-r7b paged  # Command-R7B (32 layers) engine decode; paged_attention at 4k
 #   bash benchmarks/gpu_suite.sh lora qlora # r7b-8L LoRA / QLoRA r16 step B2xS2048, return_logits=false (qlora: carry .whl)
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
 # BENCH_ARGS (e.g. "--passes layer_norm,rope") is appended to every bench command.
@@ -46,6 +47,10 @@ for stage in "$@"; do
     decode)  python -m cohere_fx.bench decode $BENCH_ARGS --batch 1 --out "$out" ;;
     engine)  python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 1 --out "$out" &&
              python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 16 --out "$out" ;;
+    engine-r7b) # full Command-R7B architecture (Cohere2, 32 layers, random weights), issue 5's B1 / B16 targets
+             python -m cohere_fx.bench decode $BENCH_ARGS --preset command-r7b --engine --batch 1,16 --out "$out" ;;
+    paged)   # paged_attention vs the gather + repeat_kv + SDPA it replaces: 16 sequences of 4096 tokens
+             python -m cohere_fx.bench kernels $BENCH_ARGS --kernels paged_attention --batch 16 --seq 4096 --out "$out" ;;
     decode64) python -m cohere_fx.bench decode $BENCH_ARGS --batch 64 --iters 2 --warmup 0 --out "$out" ;;
     lora)    python -m cohere_fx.bench train $BENCH_ARGS --mode lora --option return_logits=false --out "$out" ;;
     qlora)   # bitsandbytes is not on the GPU image: carry its wheel in .whl/ (see BENCHMARKS.md)

@@ -20,9 +20,12 @@ from cohere_fx.bench.systems import run_systems
 from cohere_fx.bench.timing import device_limits, measure
 from cohere_fx.bench.workloads import limit_ms, rates
 
-KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu", "parallel_residual")
+KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu", "parallel_residual",
+           "paged_attention")
 # The backward of parallel_residual is its output gradient, passed on unchanged: no kernel to time.
-FORWARD_ONLY = ("parallel_residual",)
+# paged_attention is a decode op: no backward.
+FORWARD_ONLY = ("parallel_residual", "paged_attention")
+PAGE = 16  # tokens per KV page in the paged_attention case (DecodeRunner's default)
 IGNORE_INDEX = -100
 
 
@@ -69,6 +72,8 @@ def _case(name, shape: Shape, config, batch, seq, device, dtype):
     if name == "parallel_residual":  # CohereDecoderLayer: residual + hidden_states_attention + hidden_states_mlp
         return ([rand(batch, seq, shape.hidden) for _ in range(3)], [0, 1, 2],
                 lambda r, a, m: r + a + m, lambda r, a, m: ops.parallel_residual(r, a, m))
+    if name == "paged_attention":
+        return _paged_case(shape, batch, seq, device, rand)
     # q, k as q_proj/k_proj(h).view(B, S, heads, D): the tensors the HF graph hands to q_norm (or transposes).
     q, k = rand(batch, seq, shape.heads, shape.head_dim), rand(batch, seq, shape.kv_heads, shape.head_dim)
     positions = torch.arange(seq, device=device)[None].expand(batch, seq)
@@ -86,6 +91,32 @@ def _case(name, shape: Shape, config, batch, seq, device, dtype):
 
     return ([q, k, cos, sin, qw, kw], [0, 1, 4, 5], reference,
             lambda q, k, c, s, qw, kw: ops.qk_norm_rope(q, k, c, s, qw, kw, eps))
+
+
+def _paged_case(shape: Shape, batch, context, device, rand):
+    """One decode step of ``batch`` sequences of ``context`` tokens each, their pages scattered over the pools.
+    eager: what the decode graph computes before the rewrite (the cache's block-table gather, HF's repeat_kv,
+    SDPA with the cache's length mask); cohere_fx: the op reading the pages in place."""
+    from transformers.models.cohere.modeling_cohere import repeat_kv
+
+    from cohere_fx.runtime.paged_cache import gather_pages, length_mask
+
+    width = -(-context // PAGE)
+    pools = [rand(batch * width, PAGE, shape.kv_heads, shape.head_dim) for _ in range(2)]
+    tables = torch.randperm(batch * width, device=device).view(batch, width).to(torch.int32)
+    lens = torch.full((batch,), context, device=device, dtype=torch.int32)
+    q, scale, n_rep = rand(batch, shape.heads, shape.head_dim), shape.head_dim ** -0.5, shape.heads // shape.kv_heads
+
+    def reference(q, k_pool, v_pool, tables, lens):
+        k, v = gather_pages(k_pool, tables), gather_pages(v_pool, tables)
+        mask = length_mask(lens, torch.arange(k.shape[2], device=q.device))
+        out = F.scaled_dot_product_attention(q[:, :, None], repeat_kv(k, n_rep), repeat_kv(v, n_rep),
+                                             attn_mask=mask, scale=scale)
+        return out[:, :, 0]
+
+    return ([q, *pools, tables, lens], [], reference,
+            lambda q, k_pool, v_pool, tables, lens: torch.ops.cohere_fx.paged_attention(
+                q, k_pool, v_pool, tables, lens, scale, 0))
 
 
 def _as_tuple(out):
