@@ -1,5 +1,7 @@
-"""A decode step ready to trace: a DecodeRunner with two slots of different lengths (7 and 3 prompt tokens),
-grown by one token and its static buffers filled, as the runner does before each compiled step."""
+"""Decode helpers shared by the runtime tests: HF's greedy tokens for one prompt alone (what the runner and the
+engine must reproduce), and a decode step ready to trace: a DecodeRunner with two slots of different lengths
+(7 and 3 prompt tokens), grown by one token and its static buffers filled, as the runner does before each
+compiled step."""
 import torch
 
 from cohere_fx.runtime import DecodeRunner
@@ -15,3 +17,13 @@ def two_slot_step(model):
     bucket = runner._bucket(2)
     runner._fill(bucket, [0, 1], torch.tensor([5, 9]))
     return runner, bucket
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt, new_tokens, stops=None):
+    """The tokens HF greedy ``generate`` appends to ``prompt`` [T] alone. ``stops``: the eos ids to stop at
+    (None: the model's generation config; () : the config's too, as HF reads an empty list as unset)."""
+    kwargs = {} if stops is None else {"eos_token_id": list(stops) or None, "pad_token_id": 0}
+    out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], do_sample=False,
+                         max_new_tokens=new_tokens, **kwargs)
+    return out[0, len(prompt):].tolist()

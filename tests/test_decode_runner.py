@@ -7,6 +7,7 @@ from transformers import Cohere2ForCausalLM, CohereForCausalLM
 
 from cohere_fx.configs import tiny_cohere2_config, tiny_cohere_config
 from cohere_fx.runtime import DecodeRunner, OutOfBlocksError
+from decode_steps import hf_greedy
 
 # No inductor (CPU codegen is slow) and only the paged_attention rewrite: every other fused op would run in
 # Triton's interpreter too (tests/test_paged_attention_pattern.py compiles the step with all patterns).
@@ -20,13 +21,6 @@ def tiny_model(kind: str, layers: int | None = None, device: str = "cpu"):
         return CohereForCausalLM(config).to(device).eval()
     config = tiny_cohere2_config(layers=layers or 4, sliding_window=4, initializer_range=0.2)  # 3 sliding, 1 full
     return Cohere2ForCausalLM(config).to(device).eval()
-
-
-@torch.no_grad()
-def hf_greedy(model, prompt, new_tokens):
-    out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], do_sample=False,
-                         max_new_tokens=new_tokens)
-    return out[0, len(prompt):].tolist()
 
 
 def run_greedy(runner, plan, new_tokens):

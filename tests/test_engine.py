@@ -16,6 +16,8 @@ from cohere_fx.runtime import Engine, RequestError, SamplingParams
 from cohere_fx.runtime.decode_runner import DecodeRunner
 from cohere_fx.runtime.sampling import make_generator, sample_tokens
 
+import decode_steps
+
 EOS = 2  # the tiny configs' eos_token_id
 GREEDY = SamplingParams(max_new_tokens=12)
 
@@ -49,9 +51,7 @@ def prompts(*lengths, seed=1):
 
 
 def hf_greedy(model, prompt, new, stops=(EOS,)):
-    out = model.generate(prompt[None], do_sample=False, max_new_tokens=new, eos_token_id=list(stops) or None,
-                         pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return decode_steps.hf_greedy(model, prompt, new, stops)
 
 
 def engine(model, **kwargs):

@@ -99,9 +99,9 @@ def _paged_case(shape: Shape, batch, context, device, rand):
     SDPA with the cache's length mask); cohere_fx: the op reading the pages in place."""
     from transformers.models.cohere.modeling_cohere import repeat_kv
 
-    from cohere_fx.runtime.paged_cache import gather_pages, length_mask
+    from cohere_fx.runtime.paged_cache import cdiv, gather_pages, length_mask
 
-    width = -(-context // PAGE)
+    width = cdiv(context, PAGE)
     pools = [rand(batch * width, PAGE, shape.kv_heads, shape.head_dim) for _ in range(2)]
     tables = torch.randperm(batch * width, device=device).view(batch, width).to(torch.int32)
     lens = torch.full((batch,), context, device=device, dtype=torch.int32)

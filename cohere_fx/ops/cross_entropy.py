@@ -120,6 +120,28 @@ def _chunk_rows(vocab: int, itemsize: int, grad_weight: bool = False) -> int:
     return rows - rows % 128 if rows >= 128 else rows  # whole GEMM tiles
 
 
+def _head_grads(hidden: Tensor, weight: Tensor, need_hidden: bool, need_weight: bool) -> tuple[Tensor, Tensor]:
+    """Buffers for the head's gradients (an empty tensor for one not needed); the chunks fill them."""
+    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    if need_weight and hidden.shape[0] == 0:
+        grad_weight.zero_()  # otherwise the first chunk's GEMM writes it whole
+    return grad_hidden, grad_weight
+
+
+def _fold_chunk(dlogits: Tensor, weight: Tensor, hidden: Tensor, grad_hidden: Tensor, grad_weight: Tensor,
+                start: int, scale: float = 1.0) -> None:
+    """Fold the logits gradient of the rows from ``start`` into the head's gradients, times ``scale``: their
+    rows of grad_hidden, and grad_weight (written by the first chunk, accumulated by the others)."""
+    end = start + dlogits.shape[0]
+    if grad_hidden.numel():
+        torch.mm(dlogits, weight, out=grad_hidden[start:end])
+        if scale != 1.0:
+            grad_hidden[start:end].mul_(scale)
+    if grad_weight.numel():
+        grad_weight.addmm_(dlogits.t(), hidden[start:end], beta=0 if start == 0 else 1, alpha=scale)
+
+
 def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, scale: float, ignore_index: int,
                                  grad_hidden: bool, grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss_sum, d loss_sum / d hidden, d loss_sum / d weight); a gradient not asked for is an empty tensor."""
@@ -128,24 +150,16 @@ def linear_cross_entropy_chunked(hidden: Tensor, weight: Tensor, labels: Tensor,
     buf = hidden.new_empty((rows, v))
     loss = hidden.new_empty(n, dtype=torch.float32)
     ones = hidden.new_ones((), dtype=torch.float32).expand(rows)
-    dhidden = hidden.new_empty(hidden.shape if grad_hidden else (0,))
-    dweight = weight.new_empty(weight.shape if grad_weight else (0,))
-    if grad_weight and n == 0:
-        dweight.zero_()  # otherwise the first chunk's GEMM writes it whole
+    dhidden, dweight = _head_grads(hidden, weight, grad_hidden, grad_weight)
     for start in range(0, n, rows):
         end = min(start + rows, n)
-        h, y = hidden[start:end], labels[start:end]
-        logits = torch.mm(h, weight.t(), out=buf[: end - start])
+        y = labels[start:end]
+        logits = torch.mm(hidden[start:end], weight.t(), out=buf[: end - start])
         chunk_loss, lse = _ce_forward(logits, y, scale, ignore_index)
         loss[start:end] = chunk_loss
         if grad_hidden or grad_weight:
             dlogits = _ce_backward(ones[: end - start], logits, y, lse, scale, ignore_index, out=logits)
-            if grad_hidden:
-                torch.mm(dlogits, weight, out=dhidden[start:end])
-            if grad_weight and start == 0:
-                torch.mm(dlogits.t(), h, out=dweight)
-            elif grad_weight:
-                dweight.addmm_(dlogits.t(), h)
+            _fold_chunk(dlogits, weight, hidden, dhidden, dweight, start)
     return loss.sum(), dhidden, dweight
 
 
@@ -191,11 +205,8 @@ def head_cross_entropy_backward(dlogits: Optional[Tensor], dloss: Tensor, hidden
                                 need_hidden: bool, need_weight: bool) -> tuple[Tensor, Tensor]:
     """(grad_hidden, grad_weight), each an empty tensor when not needed; an op, so the chunk loop and its
     in-place GEMMs stay out of the traced backward graph (functionalisation would copy the buffers)."""
-    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    grad_hidden, grad_weight = _head_grads(hidden, weight, need_hidden, need_weight)
     n, v = logits.shape
-    if need_weight and n == 0:
-        grad_weight.zero_()
     rows = max(1, min(n, _chunk_rows(v, logits.element_size(), need_weight)))
     buf = logits.new_empty((rows, v))
     for start in range(0, n, rows):
@@ -204,10 +215,7 @@ def head_cross_entropy_backward(dlogits: Optional[Tensor], dloss: Tensor, hidden
                              ignore_index, out=buf[: end - start])
         if dlogits is not None:
             chunk += dlogits[start:end]
-        if need_hidden:
-            torch.mm(chunk, weight, out=grad_hidden[start:end]).mul_(scale)
-        if need_weight:
-            grad_weight.addmm_(chunk.t(), hidden[start:end], beta=0 if start == 0 else 1, alpha=scale)
+        _fold_chunk(chunk, weight, hidden, grad_hidden, grad_weight, start, scale)
     return grad_hidden, grad_weight
 
 
