@@ -87,6 +87,10 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs, mode: Optional[str], con
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    from cohere_fx.ops import register_inductor_fallbacks
+
+    register_inductor_fallbacks()
+
     patches = dict(list_mode_options(mode) if mode else {})
     patches.update(config or {})
     return compile_fx(gm, example_inputs, config_patches=patches or None)

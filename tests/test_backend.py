@@ -46,3 +46,18 @@ def test_print_graphs_and_passes_option(capsys):
         torch.compile(model, backend="cohere_fx",
                       options={"inductor": False, "print_graphs": True, "passes": []})(ids)
         assert "cohere_fx.layer_norm(" not in capsys.readouterr().out
+
+
+def test_every_op_has_an_inductor_fallback_before_compiling():
+    """torch 2.11's inductor formats ``str()`` of an op's IR arguments when it makes an implicit fallback, which is
+    exponential in the graph's depth (minutes on an 8-layer model), so the backend registers each op's fallback
+    first. OPDEFS is torch's own registry of custom ops: an op that ``custom_ops()`` misses fails here."""
+    from torch._inductor.lowering import lowerings
+    from torch._library.custom_ops import OPDEFS
+
+    import cohere_fx.ops
+
+    cohere_fx.ops.register_inductor_fallbacks()
+    ours = {name: op for name, op in OPDEFS.items() if name.startswith("cohere_fx::")}
+    assert len(ours) >= 15
+    assert [name for name, op in ours.items() if op._opoverload not in lowerings] == []

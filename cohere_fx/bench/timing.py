@@ -115,13 +115,69 @@ def _graphed(fn, device: torch.device):
     return graph.replay
 
 
-def measure(fn, device: torch.device, iters: int, warmup: int, label: str, cuda_graph: bool = False) -> dict:
+def kernel_profile(fn, device: torch.device, top: int = 12) -> dict:
+    """Where one call's GPU time goes: the ``top`` kernels by total device time, and how much of the call's wall
+    time the GPU was busy at all (kernel time / wall time). A busy share well under 100 % means the host (Python,
+    launches, syncs) sets the pace, not the kernels; the kernel list says which kernels to fix otherwise."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        begin = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        wall_ms = (time.perf_counter() - begin) * 1e3
+    kernels: dict = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            ms, count = kernels.get(event.name, (0.0, 0))
+            kernels[event.name] = (ms + event.time_range.elapsed_us() / 1e3, count + 1)
+    busy_ms = sum(ms for ms, _ in kernels.values())
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "gpu_busy_pct": 100 * busy_ms / wall_ms,
+            "top": [{"kernel": name[:160], "ms": ms, "calls": count} for name, (ms, count) in ranked]}
+
+
+def compile_profile() -> dict:
+    """Where the first (compiling) call went: torch's compile phases (seconds, summed over graphs) and how many
+    variants Triton compiled of each cohere_fx kernel (a kernel recompiled per call site would show here)."""
+    import triton
+
+    import cohere_fx.kernels as kernel_package
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    phases = {n: float(v) for n, v in zip(names, values) if float(v) >= 0.5}
+    variants = {}
+    for module in vars(kernel_package).values():
+        for name, fn in vars(module).items() if hasattr(module, "__file__") else ():
+            if isinstance(fn, triton.runtime.JITFunction) and getattr(fn, "device_caches", None):
+                count = sum(len(cache[0]) for cache in fn.device_caches.values())
+                if count:
+                    variants[name] = count
+    return {"phases_s": dict(sorted(phases.items(), key=lambda kv: -kv[1])), "triton_variants": variants}
+
+
+def format_profile(label: str, prof: dict) -> str:
+    lines = [f"{label}: wall {prof['wall_ms']:.2f} ms, GPU busy {prof['gpu_busy_ms']:.2f} ms "
+             f"({prof['gpu_busy_pct']:.0f} %)"]
+    lines += [f"  {k['ms']:9.3f} ms {k['calls']:6d}x  {k['kernel'][:110]}" for k in prof["top"]]
+    if "compile" in prof:
+        lines.append(f"  compile phases (s): {prof['compile']['phases_s']}")
+        lines.append(f"  triton variants: {prof['compile']['triton_variants']}")
+    return "\n".join(lines)
+
+
+def measure(fn, device: torch.device, iters: int, warmup: int, label: str, cuda_graph: bool = False,
+            profile: bool = False) -> dict:
     """Times ``fn()``: the first call apart (compile), then ``warmup`` calls, then the median of ``iters`` calls.
 
     ``cuda_graph``: time replays of ``fn`` captured in a CUDA graph, so that what is measured is the GPU work and
     not Python's launch overhead (used for kernels of tens of microseconds; every system is timed the same way).
     Returns ms (median), ms_all, first_call_s, timing ("cuda graph" or "eager launches") and, on CUDA, peak_gib:
-    torch.cuda.max_memory_allocated over the warm-up and timed calls (the compile's allocations not counted).
+    torch.cuda.max_memory_allocated over the warm-up and timed calls (the compile's allocations not counted);
+    with ``profile`` on CUDA, also ``profile``: ``kernel_profile`` of one more call (printed to stderr too).
     """
     cuda = device.type == "cuda"
     total = 1 + warmup + iters
@@ -158,6 +214,9 @@ def measure(fn, device: torch.device, iters: int, warmup: int, label: str, cuda_
     out = {"ms": sorted(times)[len(times) // 2], "ms_all": times, "first_call_s": first_call_s, "timing": timing}
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        if profile:
+            out["profile"] = {**kernel_profile(fn, device), "compile": compile_profile()}
+            print(format_profile(label, out["profile"]), file=sys.stderr, flush=True)
     return out
 
 

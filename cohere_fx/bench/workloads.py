@@ -87,7 +87,8 @@ def train(args) -> dict:
             for p in model.parameters():
                 p.grad = None
 
-        result = measure(step, args.device, args.iters, args.warmup, f"train {args.mode} {system}")
+        result = measure(step, args.device, args.iters, args.warmup, f"train {args.mode} {system}",
+                     profile=args.profile)
         return {**result, **rates(flops, 0, result["ms"], limits), "how": describe(system, options)}
 
     results = run_systems(args.systems, bench_one, args.device, f"train {args.mode}")
@@ -117,7 +118,8 @@ def prefill(args) -> dict:
             with torch.no_grad():
                 return compiled(x, **kwargs).logits
 
-        result = measure(forward, args.device, args.iters, args.warmup, f"prefill {system}")
+        result = measure(forward, args.device, args.iters, args.warmup, f"prefill {system}",
+                     profile=args.profile)
         return {**result, **rates(flops, 0, result["ms"], limits), "how": describe(system, options)}
 
     results = run_systems(args.systems, bench_one, args.device, "prefill")
@@ -191,7 +193,8 @@ def _engine_decode(model, options, args, x) -> tuple[dict, str]:
             engine.step()
         decode_s.append(time.perf_counter() - start)
 
-    result = measure(run, args.device, args.iters, args.warmup, f"decode B{batch} cohere_fx engine")
+    result = measure(run, args.device, args.iters, args.warmup, f"decode B{batch} cohere_fx engine",
+                     profile=args.profile)
     if args.new > 1:
         result["decode_tok_s"] = batch * (args.new - 1) / sorted(decode_s[-args.iters:])[args.iters // 2]
     runner = engine.runner
@@ -226,7 +229,8 @@ def decode(args) -> dict:
             else:
                 try:
                     extra, how = _generate_kwargs(system, model, options, args, batch)
-                    result = measure(generate, args.device, args.iters, args.warmup, f"decode B{batch} {system}")
+                    result = measure(generate, args.device, args.iters, args.warmup, f"decode B{batch} {system}",
+                     profile=args.profile)
                 finally:  # the compiled forward, HF's or --paged's, must not outlive this system
                     model.__dict__.pop("_compiled_call", None)
                     model.__dict__.pop("forward", None)
