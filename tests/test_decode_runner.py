@@ -182,3 +182,57 @@ def test_cuda_graphs_1000_steps_no_recompiles():
             graphs, frames = counters["stats"]["unique_graphs"], dict(counters["frames"])
     assert counters["stats"]["unique_graphs"] == graphs and dict(counters["frames"]) == frames
     assert graphed.length(1) == 30 + 1000
+
+
+@pytest.mark.parametrize("kind", ["cohere", "cohere2"])
+@pytest.mark.parametrize("max_prefill_tokens", [64, 12], ids=["one_forward", "split"])
+def test_prefill_batch_equals_prefill_alone(kind, max_prefill_tokens):
+    """Prompts of different lengths prefilled together (right-padded; Cohere2's window of 4 is shorter than some
+    prompts, so those go alone or with prompts of their length) give each prompt's own logits, keep only their
+    own pages, and decode HF's greedy tokens."""
+    model = tiny_model(kind)
+    lengths = [3, 7, 3, 5, 2]
+    prompts = [torch.randint(3, 128, (n,)) for n in lengths]
+    alone = DecodeRunner(model, max_batch=5, max_seq_len=32, block_size=2, compile=False)
+    want = torch.stack([alone.prefill(slot, p) for slot, p in enumerate(prompts)])
+    runner = DecodeRunner(model, max_batch=5, max_seq_len=32, block_size=2, compile=False,
+                          max_prefill_tokens=max_prefill_tokens)
+    slots = [4, 0, 2, 1, 3]
+    got = runner.prefill_batch(slots, prompts)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert [runner.length(s) for s in slots] == lengths
+    assert runner.free_blocks() == alone.free_blocks()
+    for table, ref in zip(runner.cache.page_tables.values(), alone.cache.page_tables.values()):
+        assert [len(table.pages[s]) for s in slots] == [len(ref.pages[s]) for s in range(5)]
+    tokens = {s: [int(row.argmax())] for s, row in zip(slots, got)}
+    for _ in range(5):
+        logits = runner.decode(slots, torch.tensor([tokens[s][-1] for s in slots]))
+        for s, row in zip(slots, logits):
+            tokens[s].append(int(row.argmax()))
+    for slot, prompt in zip(slots, prompts):
+        assert tokens[slot] == hf_greedy(model, prompt, 6), f"slot {slot}"
+
+
+def test_prefill_groups_respect_token_budget_window_and_pages():
+    model = tiny_model("cohere2")  # window 4
+    runner = DecodeRunner(model, max_batch=6, max_seq_len=32, block_size=2, compile=False, max_prefill_tokens=12)
+    lengths = [3, 6, 2, 6, 4, 3]
+    groups = runner._prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert len(group) == 1 or len(group) * longest <= 12
+        assert longest <= 4 or len({lengths[i] for i in group}) == 1  # past the window: one length only
+    assert [sorted(g) for g in groups] == [[0, 2, 5], [4], [1, 3]]
+    few = DecodeRunner(model, max_batch=6, max_seq_len=32, block_size=2, num_blocks=5, compile=False)
+    assert few._prefill_groups([4, 4, 4]) == [[0, 1], [2]]  # 2 pages each: a third would not fit beside them
+
+
+def test_prefill_batch_refuses_bad_input_and_changes_nothing():
+    runner = DecodeRunner(tiny_model("cohere"), max_batch=3, max_seq_len=8, block_size=2, compile=False)
+    free = runner.free_blocks()
+    with pytest.raises(ValueError, match="distinct slots"):
+        runner.prefill_batch([0, 0], [torch.tensor([5, 6]), torch.tensor([7])])
+    with pytest.raises(ValueError, match="longer than max_seq_len=8"):
+        runner.prefill_batch([0, 1], [torch.tensor([5, 6]), torch.arange(3, 12)])
+    assert runner.free_blocks() == free and runner.length(0) == runner.length(1) == 0

@@ -47,11 +47,13 @@ class DecodeRunner:
 
     ``num_blocks`` pages per full-attention layer (default: ``max_batch`` sequences of ``max_seq_len``); sliding
     layers get enough pages for ``max_batch`` windows. ``options`` are the ``cohere_fx`` backend's.
+    ``max_prefill_tokens``: padded tokens per prefill forward (``prefill_batch``), which bounds its activations.
     """
 
     def __init__(self, model, *, max_batch: int = 16, max_seq_len: int = 4096, block_size: int = 16,
                  num_blocks: int | None = None, compile: bool = True, cuda_graphs: bool | None = None,
-                 buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), options: dict | None = None):
+                 buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), options: dict | None = None,
+                 max_prefill_tokens: int = 16384):
         config = model.config.get_text_config(decoder=True)
         if config._attn_implementation != "sdpa":
             raise ValueError(f"DecodeRunner needs attn_implementation='sdpa', the model has "
@@ -64,6 +66,7 @@ class DecodeRunner:
         width = cdiv(max_seq_len, block_size)
         num_blocks = max_batch * width if num_blocks is None else num_blocks
         window = getattr(config, "sliding_window", None) or 0
+        self.window, self.max_prefill_tokens = window, max_prefill_tokens
         sliding_blocks = min(num_blocks, max_batch * (cdiv(window, block_size) + 1))
         # one page more per kind: page 0, the scratch page that pad rows write and unused table entries name
         self.cache = PagedKVCache(model.config, num_blocks + 1, block_size, self.device, param.dtype,
@@ -124,22 +127,77 @@ class DecodeRunner:
     @torch.no_grad()
     def prefill(self, slot: int, prompt: torch.LongTensor) -> Tensor:
         """Prompt ``[T]`` into the empty ``slot``; fp32 logits ``[V]`` of its last position."""
-        self._check_slot(slot)
-        if prompt.dim() != 1 or prompt.numel() < 1:
-            raise ValueError(f"prompt must be a non-empty 1-D tensor of token ids, got shape {tuple(prompt.shape)}")
-        if prompt.numel() > self.max_seq_len:
-            raise ValueError(f"prompt of {prompt.numel()} tokens for slot {slot} is longer than "
-                             f"max_seq_len={self.max_seq_len}")
-        if self.cache.length(slot):
-            raise ValueError(f"slot {slot} is not empty (free it first)")
-        try:  # the first layer grows the slot's pages, all or nothing (OutOfBlocksError names the slot)
-            with self.cache.select_rows([slot]):
-                out = self.model(input_ids=prompt.to(self.device)[None], past_key_values=self.cache, use_cache=True,
-                                 logits_to_keep=1)
+        return self.prefill_batch([slot], [prompt])[0]
+
+    @torch.no_grad()
+    def prefill_batch(self, slots: list[int], prompts: list[torch.LongTensor]) -> Tensor:
+        """Prompts into their empty slots, as few forwards as possible; fp32 logits ``[B, V]`` of each prompt's
+        last position, in the order given.
+
+        Why batched: one forward over B prompts reads the weights once, B forwards read them B times (16 prompts
+        of 512 tokens on Command-R7B: one forward instead of 16). Prompts of different lengths are right-padded
+        to the longest of their group: causal attention keeps the pad tokens out of every real token's view, and
+        each row is cut back to its own length afterwards. A group holds at most ``max_prefill_tokens`` padded
+        tokens, prompts sorted by length so the padding stays small; on a model with sliding-window layers a
+        group longer than the window holds prompts of one length only (a sliding layer keeps only the last
+        window of a row, which for a shorter prompt would be pad tokens)."""
+        slots = [self._check_slot(s) for s in slots]
+        if len(slots) != len(prompts) or len(set(slots)) != len(slots):
+            raise ValueError(f"prefill_batch takes distinct slots and one prompt per slot, got slots {slots} "
+                             f"and {len(prompts)} prompts")
+        for slot, prompt in zip(slots, prompts):
+            if prompt.dim() != 1 or prompt.numel() < 1:
+                raise ValueError(f"prompt for slot {slot} must be a non-empty 1-D tensor of token ids, got shape "
+                                 f"{tuple(prompt.shape)}")
+            if prompt.numel() > self.max_seq_len:
+                raise ValueError(f"prompt of {prompt.numel()} tokens for slot {slot} is longer than "
+                                 f"max_seq_len={self.max_seq_len}")
+            if self.cache.length(slot):
+                raise ValueError(f"slot {slot} is not empty (free it first)")
+        logits = [None] * len(slots)
+        for group in self._prefill_groups([p.numel() for p in prompts]):
+            rows = self._prefill_group([slots[i] for i in group], [prompts[i] for i in group])
+            for i, row in zip(group, rows):
+                logits[i] = row
+        return torch.stack(logits)
+
+    def _prefill_groups(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of the prompts that share a forward (see ``prefill_batch``). A padded group must also fit the
+        free pages beside what the groups before it keep, since every row holds the longest prompt's pages until
+        it is cut back."""
+        groups, group, kept, pages = [], [], 0, self.cache.block_size
+        for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+            longest = lengths[i]  # sorted: the newest member is the longest
+            fits = (len(group) + 1) * longest <= self.max_prefill_tokens
+            window_ok = not self.window or longest <= self.window or all(lengths[j] == longest for j in group)
+            pages_ok = kept + (len(group) + 1) * cdiv(longest, pages) <= self.free_blocks()
+            if group and not (fits and window_ok and pages_ok):
+                groups.append(group)
+                kept += sum(cdiv(lengths[j], pages) for j in group)
+                group = []
+            group.append(i)
+        return groups + [group] if group else groups
+
+    def _prefill_group(self, slots: list[int], prompts: list[Tensor]) -> Tensor:
+        lengths = [p.numel() for p in prompts]
+        longest = max(lengths)
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=self.device)
+        for row, prompt in enumerate(prompts):
+            ids[row, :prompt.numel()] = prompt.to(self.device)
+        last = sorted({n - 1 for n in lengths})  # the head runs on these positions only
+        try:  # the first layer grows every slot's pages, all or nothing (OutOfBlocksError names the slot)
+            with self.cache.select_rows(slots):
+                out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                                 logits_to_keep=torch.tensor(last, device=self.device))
+            for slot, n in zip(slots, lengths):
+                if n < longest:
+                    self.cache.truncate(slot, n)
         except BaseException:
-            self.cache.free_sequence(slot)  # nothing to free after OutOfBlocksError; a half-written prompt else
+            for slot in slots:  # nothing to free after OutOfBlocksError; half-written prompts else
+                self.cache.free_sequence(slot)
             raise
-        return out.logits[0, -1].float()
+        rows = torch.arange(len(prompts), device=self.device)
+        return out.logits[rows, torch.tensor([last.index(n - 1) for n in lengths], device=self.device)].float()
 
     # -- decode ------------------------------------------------------------------------------------------------
 

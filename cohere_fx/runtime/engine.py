@@ -1,7 +1,7 @@
 """``Engine``: continuous batching over a ``DecodeRunner`` — requests join and leave at any step.
 
 Why continuous batching: a static batch runs as long as its longest request and leaves the slots of the
-finished ones idle. Here every ``step()`` first admits waiting requests into free slots (a prefill each, which
+finished ones idle. Here every ``step()`` first admits waiting requests into free slots (prefilled together, which
 yields their first token), then decodes every request that was already running in one ``runner.decode`` call
 (one token each). A request that finishes (a stop token, or ``max_new_tokens``) gives its slot and KV pages back
 at once; a waiting one takes them in the next step.
@@ -190,19 +190,25 @@ class Engine:
             return
         runner = self.runner
         reserved = sum(runner.blocks_needed(r.slot, r.to_feed) for r in self._running.values() if r.to_feed > 0)
+        admitted = []
         while self._waiting and self._free_slots:
             request, slot = self._waiting[0], min(self._free_slots)
             life = request.prompt.numel() + request.params.max_new_tokens - 1
-            if runner.blocks_needed(slot, life) + reserved > runner.free_blocks():
-                return  # first come, first served: it (and those behind it) wait for pages to be freed
+            need = runner.blocks_needed(slot, life)
+            if need + reserved > runner.free_blocks():
+                break  # first come, first served: it (and those behind it) wait for pages to be freed
             self._waiting.popleft()
             self._free_slots.remove(slot)
             request.slot = slot
             self._running[slot] = request
-            logits = runner.prefill(slot, request.prompt.to(runner.device))
-            self._emit(request, sample_tokens(logits[None], [request.params], [request.generator])[0], outputs)
-            if request.slot is not None and request.to_feed > 0:
-                reserved += runner.blocks_needed(slot, request.to_feed)
+            admitted.append(request)
+            reserved += need  # its prompt's pages too: the prefill below has not taken them yet
+        if not admitted:
+            return
+        logits = runner.prefill_batch([r.slot for r in admitted], [r.prompt.to(runner.device) for r in admitted])
+        tokens = sample_tokens(logits, [r.params for r in admitted], [r.generator for r in admitted])
+        for request, token in zip(admitted, tokens):
+            self._emit(request, token, outputs)
 
     def _decode(self, requests: list[_Request], outputs: list[RequestOutput]) -> None:
         runner = self.runner

@@ -125,6 +125,19 @@ class _BlockTable:
 
         return _Step(slots(write_from, n + t).reshape(-1), n + t - write_from, slots(keep_from, n))
 
+    def cut(self, seq: int, length: int) -> None:
+        """Give back the pages of ``seq`` past its first ``length`` tokens; every page those tokens need must be
+        there (a sliding layer that already dropped some cannot be cut back)."""
+        pages, bs = self.pages[seq], self.block_size
+        keep_from, _ = self.span(length, 0)
+        missing = [j for j in range(keep_from // bs, (length - 1) // bs + 1) if j not in pages]
+        if missing:
+            raise ValueError(f"sequence {seq}: the {self.kind} pages of blocks {missing} were already dropped")
+        tail = [j for j in pages if j > (length - 1) // bs]
+        self.allocator.free([pages.pop(j) for j in tail])
+        if tail:
+            self.table[seq, torch.tensor(tail, device=self.table.device)] = 0
+
     def release(self, seq: int) -> None:
         self.allocator.free(self.pages[seq].values())
         self.pages[seq].clear()
@@ -311,6 +324,18 @@ class PagedKVCache(Cache):
         for r in rows:
             self._lens[r] += t
         self.seq_lens[to_device(rows, self.seq_lens.device)] += t
+
+    def truncate(self, row: int, length: int) -> None:
+        """Keep the first ``length`` tokens of ``row`` and give back the pages past them. Why: a right-padded
+        batched prefill grows every row to the longest prompt; each row is then cut back to its own prompt (what
+        the padding wrote past it is never read: reads stop at a row's length)."""
+        if not 0 < length <= self._lens[row]:
+            raise ValueError(f"row {row} holds {self._lens[row]} tokens: cannot keep {length}")
+        for pages in self._tables.values():
+            pages.cut(row, length)
+        self._lens[row] = length
+        self.seq_lens[row] = length
+        self._step_key = None
 
     def length(self, row: int) -> int:
         """Tokens cached in ``row``."""
