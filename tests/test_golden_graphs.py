@@ -52,6 +52,7 @@ rope                        0
 paged_attention             1
 causal_attention            0
 sliding_attention           0
+embedding                   1
 layer_norm                  2
 swiglu                      1
 parallel_residual           1
@@ -81,7 +82,7 @@ graph(
         model.model.layers.0.mlp.down_proj.weight: f32[64, 256],
         model.model.norm.weight: f32[64],
 ):
-    inputs_embeds: f32[2, 1, 64] = torch.nn.functional.embedding(input_ids, model.model.embed_tokens.weight, 0, None, 2.0, False, False)
+    embedding_1: f32[2, 1, 64] = cohere_fx.embedding(input_ids, model.model.embed_tokens.weight, 0)
     getitem_2: f32[1, 8, 1] = model.model.rotary_emb.inv_freq[None, :, None]
     float_1: f32[1, 8, 1] = getitem_2.to(torch.float32)
     inv_freq_expanded: f32[2, 8, 1] = float_1.expand(2, -1, 1)
@@ -99,7 +100,7 @@ graph(
     cos_2: f32[2, 1, 16] = cos_1.to(torch.float32)
     sin_2: f32[2, 1, 16] = sin_1.to(torch.float32)
     _log_api_usage_once = torch._C._log_api_usage_once('python.nn_module')
-    layer_norm: f32[2, 1, 64] = cohere_fx.layer_norm(inputs_embeds, model.model.layers.0.input_layernorm.weight, 1e-05)
+    layer_norm: f32[2, 1, 64] = cohere_fx.layer_norm(embedding_1, model.model.layers.0.input_layernorm.weight, 1e-05)
     linear: f32[2, 1, 64] = torch.nn.functional.linear(layer_norm, model.model.layers.0.self_attn.q_proj.weight, None)
     query_states: f32[2, 1, 4, 16] = linear.view((2, 1, -1, 16))
     linear_1: f32[2, 1, 32] = torch.nn.functional.linear(layer_norm, model.model.layers.0.self_attn.k_proj.weight, None)
@@ -132,7 +133,7 @@ graph(
     linear_5: f32[2, 1, 256] = torch.nn.functional.linear(layer_norm, model.model.layers.0.mlp.up_proj.weight, None)
     swiglu: f32[2, 1, 256] = cohere_fx.swiglu(linear_4, linear_5)
     down_proj: f32[2, 1, 64] = torch.nn.functional.linear(swiglu, model.model.layers.0.mlp.down_proj.weight, None)
-    parallel_residual: f32[2, 1, 64] = cohere_fx.parallel_residual(inputs_embeds, attn_output_3, down_proj)
+    parallel_residual: f32[2, 1, 64] = cohere_fx.parallel_residual(embedding_1, attn_output_3, down_proj)
     layer_norm_1: f32[2, 1, 64] = cohere_fx.layer_norm(parallel_residual, model.model.norm.weight, 1e-05)
     getitem_14: f32[2, 1, 64] = layer_norm_1[:, 0:, :]
     logits: f32[2, 1, 128] = torch.nn.functional.linear(getitem_14, model.model.embed_tokens.weight, None)
@@ -151,6 +152,7 @@ rope                        0
 paged_attention             0
 causal_attention            1
 sliding_attention           0
+embedding                   1
 layer_norm                  2
 swiglu                      1
 parallel_residual           1
@@ -174,7 +176,7 @@ graph(
         model.layers.0.mlp.down_proj.weight: f32[64, 256],
         model.norm.weight: f32[64],
 ):
-    inputs_embeds: f32[2, 8, 64] = torch.nn.functional.embedding(args_0, model.embed_tokens.weight, 0, None, 2.0, False, False)
+    embedding_1: f32[2, 8, 64] = cohere_fx.embedding(args_0, model.embed_tokens.weight, 0)
     arange: i64[8] = torch.arange(8, device=device('cpu'))
     position_ids: i64[8] = arange + 0
     position_ids_1: i64[1, 8] = position_ids.unsqueeze(0)
@@ -197,7 +199,7 @@ graph(
     cos_2: f32[1, 8, 16] = cos_1.to(torch.float32)
     sin_2: f32[1, 8, 16] = sin_1.to(torch.float32)
     _log_api_usage_once = torch._C._log_api_usage_once('python.nn_module')
-    layer_norm: f32[2, 8, 64] = cohere_fx.layer_norm(inputs_embeds, model.layers.0.input_layernorm.weight, 1e-05)
+    layer_norm: f32[2, 8, 64] = cohere_fx.layer_norm(embedding_1, model.layers.0.input_layernorm.weight, 1e-05)
     linear: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.q_proj.weight, None)
     query_states: f32[2, 8, 4, 16] = linear.view((2, 8, -1, 16))
     linear_1: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.k_proj.weight, None)
@@ -222,7 +224,7 @@ graph(
     linear_5: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.up_proj.weight, None)
     swiglu: f32[2, 8, 256] = cohere_fx.swiglu(linear_4, linear_5)
     down_proj: f32[2, 8, 64] = torch.nn.functional.linear(swiglu, model.layers.0.mlp.down_proj.weight, None)
-    parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(inputs_embeds, attn_output_3, down_proj)
+    parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(embedding_1, attn_output_3, down_proj)
     layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual, model.norm.weight, 1e-05)
     getitem_12: f32[2, 8, 64] = layer_norm_1[:, 0:, :]
     logits: f32[2, 8, 128] = torch.nn.functional.linear(getitem_12, model.embed_tokens.weight, None)
@@ -239,6 +241,7 @@ rope                        3
 paged_attention             0
 causal_attention            1
 sliding_attention           3
+embedding                   1
 layer_norm                  5
 swiglu                      4
 parallel_residual           4
@@ -284,7 +287,7 @@ graph(
         model.layers.3.mlp.down_proj.weight: f32[64, 256],
         model.norm.weight: f32[64],
 ):
-    inputs_embeds: f32[2, 8, 64] = torch.nn.functional.embedding(args_0, model.embed_tokens.weight, 0, None, 2.0, False, False)
+    embedding_1: f32[2, 8, 64] = cohere_fx.embedding(args_0, model.embed_tokens.weight, 0)
     tensor: i64[] = torch.tensor(4, dtype=torch.int64)
     tensor_1: i64[] = torch.tensor(4, dtype=torch.int64)
     tensor_2: i64[] = torch.tensor(4, dtype=torch.int64)
@@ -311,7 +314,7 @@ graph(
     sin_1: f32[1, 8, 16] = sin * 1.0
     cos_2: f32[1, 8, 16] = cos_1.to(torch.float32)
     sin_2: f32[1, 8, 16] = sin_1.to(torch.float32)
-    layer_norm: f32[2, 8, 64] = cohere_fx.layer_norm(inputs_embeds, model.layers.0.input_layernorm.weight, 1e-05)
+    layer_norm: f32[2, 8, 64] = cohere_fx.layer_norm(embedding_1, model.layers.0.input_layernorm.weight, 1e-05)
     linear: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.q_proj.weight, None)
     view: f32[2, 8, 4, 16] = linear.view((2, 8, -1, 16))
     linear_1: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.k_proj.weight, None)
@@ -339,7 +342,7 @@ graph(
     linear_5: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.up_proj.weight, None)
     swiglu: f32[2, 8, 256] = cohere_fx.swiglu(linear_4, linear_5)
     down_proj: f32[2, 8, 64] = torch.nn.functional.linear(swiglu, model.layers.0.mlp.down_proj.weight, None)
-    parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(inputs_embeds, attn_output_3, down_proj)
+    parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(embedding_1, attn_output_3, down_proj)
     layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual, model.layers.1.input_layernorm.weight, 1e-05)
     linear_7: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm_1, model.layers.1.self_attn.q_proj.weight, None)
     view_3: f32[2, 8, 4, 16] = linear_7.view((2, 8, -1, 16))

@@ -11,13 +11,15 @@ from cohere_fx.ops import qk_norm_rope  # noqa: F401
 from cohere_fx.ops import paged_attention  # noqa: F401
 from cohere_fx.ops import swiglu  # noqa: F401
 from cohere_fx.ops import parallel_residual  # noqa: F401
+from cohere_fx.ops import embedding  # noqa: F401
 
 
 def custom_ops() -> list:
     """Every op this package registered (``torch.library.custom_op`` definitions found in its modules)."""
     from torch._library.custom_ops import CustomOpDef
 
-    return [value for module in (layer_norm, cross_entropy, qk_norm_rope, paged_attention, swiglu, parallel_residual)
+    return [value for module in (layer_norm, cross_entropy, qk_norm_rope, paged_attention, swiglu, parallel_residual,
+                                   embedding)
             for value in vars(module).values() if isinstance(value, CustomOpDef)]
 
 

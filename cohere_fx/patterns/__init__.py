@@ -1,5 +1,6 @@
 """The registry of fusions, in the order the pipeline applies them. One file per fusion."""
 from cohere_fx.patterns import causal_attention
+from cohere_fx.patterns import embedding
 from cohere_fx.patterns import layer_norm
 from cohere_fx.patterns import linear_cross_entropy
 from cohere_fx.patterns import lora_shared_input
@@ -18,6 +19,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     paged_attention.PATTERN,  # before causal_attention: decode SDPA over a paged cache
     causal_attention.PATTERN,
     sliding_attention.PATTERN,
+    embedding.PATTERN,
     layer_norm.PATTERN,
     swiglu.PATTERN,
     parallel_residual.PATTERN,

@@ -1,0 +1,48 @@
+"""``cohere_fx::embedding``: the token embedding, with a backward that never builds an fp32 [V, H] gradient.
+
+Why: inductor decomposes ``embedding_dense_backward`` into zeros in fp32 + an accumulating scatter + a cast to
+the weight's dtype. At Cohere's 256 000 x 4096 vocabulary the fp32 buffer is 4 GB, written, scattered into and
+read back at the very end of the backward, when every other gradient is already held: it was the peak of the
+r7b-8L full fine-tune step. ATen's own kernel (what eager runs) sums each token's rows in fp32 and writes the
+[V, H] gradient once in the weight's dtype. The op keeps that kernel out of inductor's reach; the forward is the
+plain lookup.
+"""
+import torch
+from torch import Tensor
+
+
+@torch.library.custom_op("cohere_fx::embedding", mutates_args=())
+def embedding(ids: Tensor, weight: Tensor, padding_idx: int) -> Tensor:
+    """``F.embedding(ids, weight, padding_idx)``; ``padding_idx`` -1 for none (its row gets no gradient)."""
+    return torch.nn.functional.embedding(ids, weight, None if padding_idx < 0 else padding_idx)
+
+
+@embedding.register_fake
+def _(ids, weight, padding_idx):
+    return weight.new_empty((*ids.shape, weight.shape[1]))
+
+
+@torch.library.custom_op("cohere_fx::embedding_backward", mutates_args=())
+def embedding_backward(grad: Tensor, ids: Tensor, num_weights: int, padding_idx: int) -> Tensor:
+    return torch.ops.aten.embedding_dense_backward(grad, ids, num_weights, padding_idx, False)
+
+
+@embedding_backward.register_fake
+def _(grad, ids, num_weights, padding_idx):
+    return grad.new_empty((num_weights, grad.shape[-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    ids, weight, ctx.padding_idx = inputs
+    ctx.num_weights = weight.shape[0]
+    ctx.save_for_backward(ids)
+
+
+def _backward(ctx, grad):
+    if not ctx.needs_input_grad[1]:
+        return None, None, None
+    (ids,) = ctx.saved_tensors
+    return None, embedding_backward(grad, ids, ctx.num_weights, ctx.padding_idx), None
+
+
+embedding.register_autograd(_backward, setup_context=_setup_context)
