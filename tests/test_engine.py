@@ -119,6 +119,20 @@ def test_stop_tokens(model):
     assert Engine(model, stop_token_ids=[7, 9], max_batch=1, max_seq_len=32, compile=False).stop_token_ids == (7, 9)
 
 
+def test_decode_tokens_are_read_one_step_late(cohere):
+    """A step launches its decode before reading back the tokens of the decode the step before launched, so the
+    host work of one step overlaps the device work of the last: the prefill's token comes in the step that admits
+    the request, the first decoded token two steps later, and the request goes idle when the last one is read."""
+    (p,) = prompts(5, seed=4)
+    eng = Engine(cohere, max_batch=2, max_seq_len=32, block_size=4, compile=False)
+    free = eng.runner.free_blocks()
+    eng.add_request(p, SamplingParams(max_new_tokens=3, stop_token_ids=()))
+    steps = [[o.token for o in eng.step()] for _ in range(4)]
+    want = hf_greedy(cohere, p, 3, stops=())
+    assert steps == [want[:1], [], want[1:2], want[2:]]
+    assert_empty(eng, free)
+
+
 def test_compiled_runner(cohere):
     eng = engine(cohere, max_batch=2, compile=True, options={"inductor": False})
     batch = prompts(4, 11)
@@ -148,7 +162,7 @@ def test_sampler_distribution():
     n = logits.shape[0]
 
     def frequencies(params):
-        tokens = sample_tokens(logits, [params] * n, [make_generator(s) for s in range(n)])
+        tokens = sample_tokens(logits, [params] * n, [make_generator(s) for s in range(n)]).tolist()
         return torch.bincount(torch.tensor(tokens), minlength=4).double() / n
 
     hot = probs.sqrt() / probs.sqrt().sum()  # temperature 2

@@ -188,7 +188,7 @@ def _engine_decode(model, options, args, x) -> tuple[dict, str]:
         engine.step()
         if engine.num_waiting:
             raise RuntimeError(f"the engine admitted {batch - engine.num_waiting} of {batch} prompts in one step")
-        start = time.perf_counter()  # step() ends in a host copy of the tokens: the device is done when it returns
+        start = time.perf_counter()  # idle once the last decode's tokens were read back: the device is done
         while not engine.idle:
             engine.step()
         decode_s.append(time.perf_counter() - start)

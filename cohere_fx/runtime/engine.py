@@ -3,7 +3,8 @@
 Why continuous batching: a static batch runs as long as its longest request and leaves the slots of the
 finished ones idle. Here every ``step()`` first admits waiting requests into free slots (prefilled together, which
 yields their first token), then decodes every request that was already running in one ``runner.decode`` call
-(one token each). A request that finishes (a stop token, or ``max_new_tokens``) gives its slot and KV pages back
+(one token each), whose tokens are read back in the next step, while the device runs that step's decode (see
+``_step``). A request that finishes (a stop token, or ``max_new_tokens``) gives its slot and KV pages back
 at once; a waiting one takes them in the next step.
 
 Pages: a request is admitted (first come, first served) only when the free pages cover its whole life — prompt
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cohere_fx.runtime.paged_cache import to_device
 from cohere_fx.runtime.sampling import SamplingParams, make_generator, sample_tokens
 
 
@@ -52,6 +54,7 @@ class _Request:
     generator: torch.Generator
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None
+    pending: int = 0  # tokens sampled on the device and not read back yet
 
     @property
     def to_feed(self) -> int:
@@ -101,6 +104,8 @@ class Engine:
         self._running: dict[int, _Request] = {}  # slot -> request, in admission order
         self._free_slots = list(range(runner.max_batch))
         self._undelivered: list[RequestOutput] = []  # outputs made while generate/stream drove the engine
+        self._last = torch.zeros(runner.max_batch, dtype=torch.long, device=runner.device)  # slot -> last token
+        self._in_flight: tuple[list[_Request], torch.Tensor] | None = None  # the decode launched last step
 
     def _longest_fitting_sequence(self) -> int:
         """The most tokens one sequence can cache when it has every page (the runner is empty now)."""
@@ -170,7 +175,8 @@ class Engine:
     @property
     def idle(self) -> bool:
         """Nothing waiting, running or left to deliver: ``step()`` would return []."""
-        return not (self._waiting or self._running or self._undelivered)
+        in_flight = self._in_flight is not None and any(r.slot is not None for r in self._in_flight[0])
+        return not (self._waiting or self._running or self._undelivered or in_flight)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -179,10 +185,19 @@ class Engine:
         return outputs
 
     def _step(self) -> list[RequestOutput]:
+        """Admit, launch this step's decode, then read the tokens of the decode launched by the step before.
+
+        Why one step late: reading tokens back waits for the device. Read right after the decode that makes them,
+        the device would idle through the host work of the next step (bookkeeping, sampling setup, launches);
+        read after the next decode is launched, that host work overlaps it. The next decode's input tokens never
+        leave the device (``_last``). The cost: a request that stops on a token is known to have stopped one
+        decode later, and that decode's token for it is dropped."""
         outputs: list[RequestOutput] = []
         running = list(self._running.values())
         self._admit(outputs)
-        self._decode(running, outputs)
+        launched = self._launch(running, outputs)
+        self._collect(outputs)
+        self._in_flight = launched
         return outputs
 
     def _admit(self, outputs: list[RequestOutput]) -> None:
@@ -207,12 +222,17 @@ class Engine:
             return
         logits = runner.prefill_batch([r.slot for r in admitted], [r.prompt.to(runner.device) for r in admitted])
         tokens = sample_tokens(logits, [r.params for r in admitted], [r.generator for r in admitted])
-        for request, token in zip(admitted, tokens):
+        self._last[to_device([r.slot for r in admitted], runner.device)] = tokens
+        for request, token in zip(admitted, tokens.tolist()):
             self._emit(request, token, outputs)
 
-    def _decode(self, requests: list[_Request], outputs: list[RequestOutput]) -> None:
+    def _launch(self, requests: list[_Request], outputs: list[RequestOutput]):
+        """Decode one token for each request still running and short of ``max_new_tokens`` (counting tokens in
+        flight); (requests, their sampled tokens on the device), or None if nothing was launched."""
         runner = self.runner
         while True:
+            requests = [r for r in requests
+                        if r.slot is not None and len(r.output_ids) + r.pending < r.params.max_new_tokens]
             grow, stalled, left = [], [], runner.free_blocks()
             for request in requests:
                 need = runner.blocks_needed(request.slot, 1)
@@ -220,6 +240,9 @@ class Engine:
                 left -= need if need <= left else 0
             if grow or not stalled:
                 break
+            if self._in_flight is not None:  # its tokens may finish requests and free pages: read them first
+                self._collect(outputs)
+                continue
             # Nothing can grow, so nothing will finish and free pages: fail the newest stalled request.
             victim = stalled[-1]
             requests = [r for r in requests if r is not victim]
@@ -228,11 +251,26 @@ class Engine:
                                f"{runner.blocks_needed(victim.slot, 1)} more KV page(s), {runner.free_blocks()} are "
                                "free and no other running request can free any (raise num_blocks)", outputs)
         if not grow:
+            return None
+        slots = to_device([r.slot for r in grow], runner.device)
+        logits = runner.decode([r.slot for r in grow], self._last[slots])
+        tokens = sample_tokens(logits, [r.params for r in grow], [r.generator for r in grow])
+        self._last[slots] = tokens
+        for request in grow:
+            request.pending += 1
+        return grow, tokens
+
+    def _collect(self, outputs: list[RequestOutput]) -> None:
+        """Emit the tokens of the decode in flight; those of requests that ended since (a stop token read in
+        between, an abort, a failure) are dropped."""
+        if self._in_flight is None:
             return
-        tokens = torch.tensor([r.output_ids[-1] for r in grow], device=runner.device)
-        logits = runner.decode([r.slot for r in grow], tokens)
-        for request, token in zip(grow, sample_tokens(logits, [r.params for r in grow], [r.generator for r in grow])):
-            self._emit(request, token, outputs)
+        requests, tokens = self._in_flight
+        self._in_flight = None
+        for request, token in zip(requests, tokens.tolist()):
+            request.pending -= 1
+            if request.slot is not None:
+                self._emit(request, token, outputs)
 
     def _emit(self, request: _Request, token: int, outputs: list[RequestOutput]) -> None:
         request.output_ids.append(token)

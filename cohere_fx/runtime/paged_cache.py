@@ -34,10 +34,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def to_device(values: list, device) -> Tensor:
-    """``values`` as an int64 tensor on ``device``. On CUDA through pinned memory, so the copy is asynchronous:
-    from pageable memory it would wait for the GPU to finish its queued work (a decode step, say)."""
-    host = torch.tensor(values, dtype=torch.int64)
+def to_device(values, device, dtype: torch.dtype = torch.int64) -> Tensor:
+    """``values`` (a list, or a CPU tensor) as a ``dtype`` tensor on ``device``. On CUDA through pinned memory, so
+    the copy is asynchronous: from pageable memory it would wait for the GPU to finish its queued work (a decode
+    step, say)."""
+    host = values.to(dtype) if isinstance(values, Tensor) else torch.tensor(values, dtype=dtype)
     if torch.device(device).type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)

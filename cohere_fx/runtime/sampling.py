@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cohere_fx.runtime.paged_cache import to_device
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -60,22 +62,24 @@ def make_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def sample_tokens(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row of ``logits`` [B, V] (fp32), row i decoded with ``params[i]`` and ``generators[i]``."""
+def sample_tokens(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:
+    """One token per row of ``logits`` [B, V] (fp32), row i decoded with ``params[i]`` and ``generators[i]``:
+    int64 [B] on the logits' device, not read back (the engine reads a step's tokens while the next one runs)."""
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
-        index = torch.tensor(rows, device=logits.device)
+        index = to_device(rows, logits.device)
         tokens[index] = _sample_rows(logits[index], [params[i] for i in rows], [generators[i] for i in rows])
-    return tokens.tolist()
+    return tokens
 
 
 def _sample_rows(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> Tensor:
     """Inverse-CDF sampling over each row's top-p nucleus, with one uniform draw per row from its generator."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float32)
-    top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
-    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(device)
+    temperature = to_device([p.temperature for p in params], device, torch.float32)
+    top_p = to_device([p.top_p for p in params], device, torch.float32)
+    uniform = to_device(torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]), device,
+                        torch.float64)
     probs = torch.softmax(logits.float() / temperature[:, None], dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the more likely tokens
