@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new (decode64: batch 64)
 #   bash benchmarks/gpu_suite.sh engine     # the same through cohere_fx.runtime.Engine (paged, CUDA graphs), B1 and B16
 #   bash benchmarks/gpu_suite.sh engine-r7b paged  # Command-R7B (32 layers) engine decode; paged_attention at 4k
+#   bash benchmarks/gpu_suite.sh engine64   # r7b-8L engine decode, 64 sequences at 2k context
 #   bash benchmarks/gpu_suite.sh lora qlora # r7b-8L LoRA / QLoRA r16 step B2xS2048, return_logits=false (qlora: carry .whl)
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
 # BENCH_ARGS (e.g. "--passes layer_norm,rope") is appended to every bench command.
@@ -52,6 +53,9 @@ for stage in "$@"; do
     paged)   # paged_attention vs the gather + repeat_kv + SDPA it replaces: 16 sequences of 4096 tokens
              python -m cohere_fx.bench kernels $BENCH_ARGS --kernels paged_attention --batch 16 --seq 4096 --out "$out" ;;
     decode64) python -m cohere_fx.bench decode $BENCH_ARGS --batch 64 --iters 2 --warmup 0 --out "$out" ;;
+    engine64) # issue 5's batch-64 bandwidth target: 64 sequences at 2k context through the Engine
+             python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 64 --prompt 2048 --compare cohere_fx \
+               --iters 2 --warmup 1 --out "$out" ;;
     lora)    python -m cohere_fx.bench train $BENCH_ARGS --mode lora --option return_logits=false --out "$out" ;;
     qlora)   # bitsandbytes is not on the GPU image: carry its wheel in .whl/ (see BENCHMARKS.md)
              python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl &&
