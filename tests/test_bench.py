@@ -183,3 +183,22 @@ def test_gpu_smoke_all_systems(tmp_path):
     for system, result in record["cases"][0]["results"].items():
         assert "error" not in result, (system, result["error"])
         assert result["peak_gib"] > 0 and result["pct_flops"] > 0
+
+
+def test_peak_live_replays_the_allocator_trace():
+    """--memory's accounting: the live set at the highest point of the trace, grouped by allocation site; frees
+    of blocks allocated before the trace began are ignored."""
+    from cohere_fx.bench.timing import peak_live
+
+    def alloc(addr, size, site):
+        return {"action": "alloc", "addr": addr, "size": size, "frames": [{"filename": site, "line": 1}]}
+
+    def free(addr):
+        return {"action": "free_requested", "addr": addr, "size": 0}
+
+    gib = 2 ** 30
+    events = [free(99), alloc(1, gib, "a.py"), alloc(2, 2 * gib, "b.py"), alloc(3, gib, "a.py"), free(2),
+              alloc(4, 3 * gib, "c.py"), free(1), free(3), free(4)]
+    result = peak_live(events)
+    assert result["peak_gib"] == 5  # a.py 1 + 1 and c.py 3 (b.py was freed before c.py came)
+    assert [(m["site"].split(":")[0], m["gib"], m["count"]) for m in result["top"]] == [("c.py", 3, 1), ("a.py", 2, 2)]

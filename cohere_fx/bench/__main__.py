@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="benchmarks/results", help="directory for the JSON record (and PNG)")
     g.add_argument("--profile", action="store_true", help="CUDA: profile one more call of each system; the record "
                    "and stderr get its top kernels and the share of wall time the GPU was busy")
+    g.add_argument("--memory", action="store_true", help="CUDA: one more call of each system with the allocator's "
+                   "history on; the record and stderr get what is live at its peak, by allocation site")
     g.add_argument("--smoke", action="store_true", help="tiny preset, fp32 on cpu, 1 timed call, no warm-up")
     b = common.add_argument_group("cohere_fx backend options")
     b.add_argument("--no-inductor", action="store_true", help="options inductor=False (aot_autograd, no codegen)")

@@ -159,6 +159,65 @@ def compile_profile() -> dict:
     return {"phases_s": dict(sorted(phases.items(), key=lambda kv: -kv[1])), "triton_variants": variants}
 
 
+def peak_live(events: list, top: int = 12) -> dict:
+    """Replays an allocator trace (``torch.cuda.memory._snapshot()["device_traces"]`` entries: action, addr, size,
+    frames) and returns the bytes live at its peak above what was live before it started, grouped by where they
+    were allocated: the biggest ``top`` groups, each with its bytes and count."""
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for event in events:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+        elif event["action"] in ("free_requested", "free_completed") and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        if total > peak:
+            peak, at_peak = total, dict(live)
+    groups: dict = {}
+    for event in at_peak.values():
+        where = _allocation_site(event.get("frames", []))
+        size, count = groups.get(where, (0, 0))
+        groups[where] = (size + event["size"], count + 1)
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"peak_gib": peak / 2 ** 30,
+            "top": [{"site": where, "gib": size / 2 ** 30, "count": count} for where, (size, count) in ranked]}
+
+
+def _allocation_site(frames: list) -> str:
+    """The innermost frame in this project, transformers, peft or inductor's generated code (whose source line
+    names the buffer and its shape), else the innermost frame."""
+    import linecache
+
+    for frame in frames:
+        name = frame.get("filename", "")
+        if any(key in name for key in ("cohere_fx", "transformers", "peft", "torchinductor")):
+            line = linecache.getline(name, frame.get("line", 0)).strip()
+            return f"{name.rsplit('/', 1)[-1]}:{frame.get('line')} {line or frame.get('name', '')}"[:160]
+    frame = frames[0] if frames else {}
+    return f"{frame.get('filename', '?').rsplit('/', 1)[-1]}:{frame.get('line')} {frame.get('name', '')}"
+
+
+def memory_profile(fn, device: torch.device) -> dict:
+    """``peak_live`` of one call of ``fn`` (the allocator records its history meanwhile), plus what was already
+    allocated before the call (weights, saved state)."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, device=device)
+    try:
+        fn()
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot(device)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return {"before_gib": before / 2 ** 30, **peak_live(snapshot["device_traces"][index])}
+
+
+def format_memory(label: str, mem: dict) -> str:
+    lines = [f"{label}: {mem['before_gib']:.2f} GiB before the call + {mem['peak_gib']:.2f} GiB at its peak"]
+    lines += [f"  {m['gib']:7.3f} GiB {m['count']:5d}x  {m['site']}" for m in mem["top"]]
+    return "\n".join(lines)
+
+
 def format_profile(label: str, prof: dict) -> str:
     lines = [f"{label}: wall {prof['wall_ms']:.2f} ms, GPU busy {prof['gpu_busy_ms']:.2f} ms "
              f"({prof['gpu_busy_pct']:.0f} %)"]
@@ -170,14 +229,15 @@ def format_profile(label: str, prof: dict) -> str:
 
 
 def measure(fn, device: torch.device, iters: int, warmup: int, label: str, cuda_graph: bool = False,
-            profile: bool = False) -> dict:
+            profile: bool = False, memory: bool = False) -> dict:
     """Times ``fn()``: the first call apart (compile), then ``warmup`` calls, then the median of ``iters`` calls.
 
     ``cuda_graph``: time replays of ``fn`` captured in a CUDA graph, so that what is measured is the GPU work and
     not Python's launch overhead (used for kernels of tens of microseconds; every system is timed the same way).
     Returns ms (median), ms_all, first_call_s, timing ("cuda graph" or "eager launches") and, on CUDA, peak_gib:
     torch.cuda.max_memory_allocated over the warm-up and timed calls (the compile's allocations not counted);
-    with ``profile`` on CUDA, also ``profile``: ``kernel_profile`` of one more call (printed to stderr too).
+    with ``profile`` on CUDA, also ``profile``: ``kernel_profile`` of one more call (printed to stderr too); with
+    ``memory``, ``memory``: ``memory_profile`` of one more call (what is live at its peak, by allocation site).
     """
     cuda = device.type == "cuda"
     total = 1 + warmup + iters
@@ -217,6 +277,9 @@ def measure(fn, device: torch.device, iters: int, warmup: int, label: str, cuda_
         if profile:
             out["profile"] = {**kernel_profile(fn, device), "compile": compile_profile()}
             print(format_profile(label, out["profile"]), file=sys.stderr, flush=True)
+        if memory:
+            out["memory"] = memory_profile(fn, device)
+            print(format_memory(label, out["memory"]), file=sys.stderr, flush=True)
     return out
 
 

@@ -88,7 +88,7 @@ def train(args) -> dict:
                 p.grad = None
 
         result = measure(step, args.device, args.iters, args.warmup, f"train {args.mode} {system}",
-                     profile=args.profile)
+                         profile=args.profile, memory=args.memory)
         return {**result, **rates(flops, 0, result["ms"], limits), "how": describe(system, options)}
 
     results = run_systems(args.systems, bench_one, args.device, f"train {args.mode}")
@@ -119,7 +119,7 @@ def prefill(args) -> dict:
                 return compiled(x, **kwargs).logits
 
         result = measure(forward, args.device, args.iters, args.warmup, f"prefill {system}",
-                     profile=args.profile)
+                         profile=args.profile, memory=args.memory)
         return {**result, **rates(flops, 0, result["ms"], limits), "how": describe(system, options)}
 
     results = run_systems(args.systems, bench_one, args.device, "prefill")
@@ -194,7 +194,7 @@ def _engine_decode(model, options, args, x) -> tuple[dict, str]:
         decode_s.append(time.perf_counter() - start)
 
     result = measure(run, args.device, args.iters, args.warmup, f"decode B{batch} cohere_fx engine",
-                     profile=args.profile)
+                     profile=args.profile, memory=args.memory)
     if args.new > 1:
         result["decode_tok_s"] = batch * (args.new - 1) / sorted(decode_s[-args.iters:])[args.iters // 2]
     runner = engine.runner
@@ -230,7 +230,7 @@ def decode(args) -> dict:
                 try:
                     extra, how = _generate_kwargs(system, model, options, args, batch)
                     result = measure(generate, args.device, args.iters, args.warmup, f"decode B{batch} {system}",
-                     profile=args.profile)
+                                     profile=args.profile, memory=args.memory)
                 finally:  # the compiled forward, HF's or --paged's, must not outlive this system
                     model.__dict__.pop("_compiled_call", None)
                     model.__dict__.pop("forward", None)
