@@ -46,10 +46,14 @@ for stage in "$@"; do
     train)   python -m cohere_fx.bench train $BENCH_ARGS --mode full --out "$out" &&
              python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare inductor,cohere_fx --option return_logits=false --out "$out" ;;
     decode)  python -m cohere_fx.bench decode $BENCH_ARGS --batch 1 --out "$out" ;;
-    engine)  python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 1 --out "$out" &&
-             python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 16 --out "$out" ;;
+    engine)  # beside HF eager, HF static cache + compile and HF's own continuous batching (hf-cb)
+             python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 1 --compare eager,inductor,hf-cb,cohere_fx \
+               --out "$out" &&
+             python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 16 --compare eager,hf-cb,cohere_fx \
+               --out "$out" ;;
     engine-r7b) # full Command-R7B architecture (Cohere2, 32 layers, random weights), issue 5's B1 / B16 targets
-             python -m cohere_fx.bench decode $BENCH_ARGS --preset command-r7b --engine --batch 1,16 --out "$out" ;;
+             python -m cohere_fx.bench decode $BENCH_ARGS --preset command-r7b --engine --batch 1,16 \
+               --compare hf-cb,cohere_fx --out "$out" ;;
     paged)   # paged_attention vs the gather + repeat_kv + SDPA it replaces: 16 sequences of 4096 tokens
              python -m cohere_fx.bench kernels $BENCH_ARGS --kernels paged_attention --batch 16 --seq 4096 --out "$out" ;;
     decode64) python -m cohere_fx.bench decode $BENCH_ARGS --batch 64 --iters 2 --warmup 0 --out "$out" ;;

@@ -145,6 +145,17 @@ def test_decode_engine_hook(tmp_path):
         main(["decode", *SMOKE, "--engine", "--paged", "--out", str(tmp_path)])
 
 
+def test_decode_hf_continuous_batching(tmp_path):
+    """hf-cb, HF's own continuous batching, is a decode system: it runs (every request makes --new tokens, or the
+    run raises) and is refused for other workloads."""
+    assert main(["decode", "--smoke", "--compare", "hf-cb", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())["cases"][0]["results"]["hf-cb"]
+    assert "error" not in result and "generate_batch" in result["how"] and result["tok_s"] > 0
+    with pytest.raises(ValueError, match="generation only"):
+        main(["train", "--smoke", "--compare", "hf-cb", "--out", str(tmp_path)])
+
+
 def test_kernel_references_trace_whole():
     """inductor's side of `kernels` must compile the HF math as one graph, or the comparison is unfair to it."""
     from torch._dynamo.utils import counters

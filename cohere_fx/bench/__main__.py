@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="default: cuda when available (cpu with --smoke)")
     g.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     g.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa, as the anchors)")
-    g.add_argument("--compare", default="eager,inductor,cohere_fx", help="systems, comma-separated")
+    g.add_argument("--compare", default="eager,inductor,cohere_fx", help="systems, comma-separated (decode also "
+                   "takes hf-cb: HF's continuous batching, model.generate_batch)")
     g.add_argument("--iters", type=int, help="timed calls (median reported)")
     g.add_argument("--warmup", type=int, help="untimed calls after the first (compiling) one")
     g.add_argument("--seed", type=int, default=0)
@@ -116,7 +117,7 @@ def _resolve(args):
         args.device = torch.device("cuda", torch.cuda.current_device())
     args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")]
-    args.systems = parse_systems(args.compare)
+    args.systems = parse_systems(args.compare, args.cmd)
     if args.cmd == "kernels":
         from cohere_fx.bench.kernels import KERNELS
 

@@ -12,14 +12,20 @@ import torch
 
 from cohere_fx.bench.timing import free_memory
 
-SYSTEMS = ("eager", "inductor", "cohere_fx")
+SYSTEMS = ("eager", "inductor", "cohere_fx", "hf-cb")
+# HF's own continuous batching (``model.generate_batch``: paged KV cache, ``paged|sdpa`` attention, its CUDA
+# graphs): the stock-HF peer of cohere_fx.runtime.Engine, so a generation workload only.
+DECODE_ONLY = ("hf-cb",)
 
 
-def parse_systems(text: str) -> list:
+def parse_systems(text: str, workload: str) -> list:
     systems = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
         raise ValueError(f"--compare: unknown system(s) {unknown}; choose from {','.join(SYSTEMS)}")
+    misplaced = [s for s in systems if s in DECODE_ONLY and workload != "decode"]
+    if misplaced:
+        raise ValueError(f"--compare: {misplaced} run(s) generation only (the decode workload), not {workload}")
     return systems
 
 

@@ -10,7 +10,8 @@ The workloads are those of ../shared/anchors so that numbers compare with them:
   (its default CompileConfig), the anchors' "static_hf_autocompile". cohere_fx: the same mechanism with
   backend="cohere_fx", or with ``--paged`` the cohere_fx.runtime paged cache (the hook for the paged runtime),
   or with ``--engine`` the cohere_fx.runtime continuous-batching engine, which also reports its steady-state
-  decode tok/s (decode steps alone, prefill left out) beside the end-to-end tok/s.
+  decode tok/s (decode steps alone, prefill left out) beside the end-to-end tok/s. hf-cb: HF's own continuous
+  batching (``model.generate_batch``, paged KV cache), the stock-HF peer of the engine.
 """
 import math
 import time
@@ -204,6 +205,33 @@ def _engine_decode(model, options, args, x) -> tuple[dict, str]:
     return result, how
 
 
+def _hf_continuous_batching(model, args, x) -> tuple[dict, str]:
+    """Times HF's continuous batching on the same prompts: ``model.generate_batch`` (paged KV cache, attention
+    switched to ``paged|sdpa`` for the call, CUDA graphs captured in its warm-up), greedy, eos disabled so every
+    request makes ``new`` tokens as in the other systems. The manager persists across calls, as the engine does:
+    its setup (cache allocation, warm-up captures) falls in the first, compiling call, as the engine's compile does,
+    instead of costing every call seconds."""
+    from transformers import GenerationConfig
+
+    prompts = [row.tolist() for row in x]
+    config = GenerationConfig(max_new_tokens=args.new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+    def run():
+        out = model.generate_batch(prompts, generation_config=config, progress_bar=False, persistent_manager=True)
+        made = sorted(len(o.generated_tokens) for o in out.values())
+        if made != [args.new] * len(prompts):
+            raise RuntimeError(f"generate_batch made {made} tokens per request, not {args.new}")
+
+    try:
+        result = measure(run, args.device, args.iters, args.warmup, f"decode B{x.shape[0]} hf-cb",
+                         profile=args.profile, memory=args.memory)
+    finally:
+        model.destroy_cached_continuous_batching_manager()
+    return result, ("HF continuous batching: model.generate_batch(prompts, GenerationConfig(max_new_tokens="
+                    f"{args.new}, do_sample=False, eos_token_id=-1), persistent_manager=True), attention paged|"
+                    f"{model.config._attn_implementation}")
+
+
 def decode(args) -> dict:
     if args.paged and args.engine:
         raise SystemExit("--paged and --engine are two ways for cohere_fx to decode: pick one")
@@ -226,6 +254,8 @@ def decode(args) -> dict:
 
             if system == "cohere_fx" and args.engine:
                 result, how = _engine_decode(model, options, args, x)
+            elif system == "hf-cb":
+                result, how = _hf_continuous_batching(model, args, x)
             else:
                 try:
                     extra, how = _generate_kwargs(system, model, options, args, batch)
