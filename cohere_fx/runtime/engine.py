@@ -105,7 +105,8 @@ class Engine:
         self._free_slots = list(range(runner.max_batch))
         self._undelivered: list[RequestOutput] = []  # outputs made while generate/stream drove the engine
         self._last = torch.zeros(runner.max_batch, dtype=torch.long, device=runner.device)  # slot -> last token
-        self._in_flight: tuple[list[_Request], torch.Tensor] | None = None  # the decode launched last step
+        # the decode launched last step: its requests, their tokens (host copy in flight on CUDA), the copy's event
+        self._in_flight: tuple[list[_Request], torch.Tensor, torch.cuda.Event | None] | None = None
 
     def _longest_fitting_sequence(self) -> int:
         """The most tokens one sequence can cache when it has every page (the runner is empty now)."""
@@ -228,7 +229,8 @@ class Engine:
 
     def _launch(self, requests: list[_Request], outputs: list[RequestOutput]):
         """Decode one token for each request still running and short of ``max_new_tokens`` (counting tokens in
-        flight); (requests, their sampled tokens on the device), or None if nothing was launched."""
+        flight); (requests, their sampled tokens, the event of their copy to the host on CUDA), or None if nothing
+        was launched."""
         runner = self.runner
         while True:
             requests = [r for r in requests
@@ -258,15 +260,25 @@ class Engine:
         self._last[slots] = tokens
         for request in grow:
             request.pending += 1
-        return grow, tokens
+        if tokens.device.type != "cuda":
+            return grow, tokens, None
+        # Copied to the host now, behind this decode and ahead of the next: read after the next decode is
+        # launched, a plain .tolist() would queue behind that decode and wait for it.
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return grow, host, copied
 
     def _collect(self, outputs: list[RequestOutput]) -> None:
         """Emit the tokens of the decode in flight; those of requests that ended since (a stop token read in
         between, an abort, a failure) are dropped."""
         if self._in_flight is None:
             return
-        requests, tokens = self._in_flight
+        requests, tokens, copied = self._in_flight
         self._in_flight = None
+        if copied is not None:
+            copied.synchronize()
         for request, token in zip(requests, tokens.tolist()):
             request.pending -= 1
             if request.slot is not None:
