@@ -2,7 +2,8 @@
 
 eager: the HF code itself (CohereLayerNorm, apply_rotary_pos_emb, CohereMLP's ``act_fn(gate) * up``, the
 decoder layer's residual sum) or HF's loss math, on the tensors the HF graph hands it; inductor: torch.compile
-of that same function (what inductor makes of the math); cohere_fx: the op. Forward alone and forward +
+of that same function (what inductor makes of the math); cohere_fx: the op. paged_attention also runs torch's own
+paged decode, flex_attention over ``PagedAttention`` pages (flex-paged). Forward alone and forward +
 backward (torch.autograd.grad with fixed output gradients). What each system returns, the outputs or the input
 gradients, is checked against eager once (``rel_err`` = ||out - ref|| / ||ref||, worst tensor): a fast wrong
 kernel must not look like a win.
@@ -119,6 +120,38 @@ def _paged_case(shape: Shape, batch, context, device, rand):
                 q, k_pool, v_pool, tables, lens, scale, 0))
 
 
+FLEX_PAGE = 128  # tokens per page for flex-attention's paged decode: its block-mask column size (its default)
+
+
+def _flex_paged(q, k_pool, v_pool, tables, lens):
+    """torch's own paged decode on the same step (issue 5's peer): the same sequences copied into the layout of
+    ``torch.nn.attention.experimental._paged_attention.PagedAttention`` (one [1, Hkv, pages * FLEX_PAGE, D] cache,
+    its page table), a length block mask converted to physical pages, ``flex_attention`` compiled with GQA. Returns
+    the timed call (its output is checked like the others')."""
+    from torch.nn.attention.experimental._paged_attention import PagedAttention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from cohere_fx.runtime.paged_cache import cdiv, gather_pages
+
+    k, v = gather_pages(k_pool, tables), gather_pages(v_pool, tables)  # [B, Hkv, L, D], logical order
+    batch, kv_heads, length, head_dim = k.shape
+    per_seq = cdiv(length, FLEX_PAGE)
+    paged = PagedAttention(batch * per_seq, FLEX_PAGE, batch, device=str(q.device))
+    for b in range(batch):
+        paged.reserve(torch.tensor(b, device=q.device), torch.tensor(length, device=q.device))
+    k_cache = k.new_zeros(1, kv_heads, batch * per_seq * FLEX_PAGE, head_dim)
+    v_cache = torch.zeros_like(k_cache)
+    positions = torch.arange(length, device=q.device)[None].expand(batch, -1)
+    paged.assign(torch.arange(batch, device=q.device), positions, k, v, k_cache, v_cache)
+    lens = lens.long()
+    logical = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < lens[b], batch, None, 1, per_seq * FLEX_PAGE,
+                                BLOCK_SIZE=(FLEX_PAGE, FLEX_PAGE), device=q.device)
+    block_mask = paged.convert_logical_block_mask(logical, kv_len=lens)
+    flex = torch.compile(flex_attention)
+    scale = q.shape[-1] ** -0.5
+    return lambda: flex(q[:, :, None], k_cache, v_cache, block_mask=block_mask, scale=scale, enable_gqa=True)[:, :, 0]
+
+
 def _as_tuple(out):
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
@@ -146,6 +179,16 @@ def _op_available(name):
     if not hasattr(torch.ops.cohere_fx, name):
         return f"op cohere_fx::{name} is not registered (not in cohere_fx.ops yet)"
     return None
+
+
+def _bench_flex(inputs, expected, args, nbytes, limits) -> dict:
+    with torch.no_grad():
+        fn = _flex_paged(*inputs)
+        result = measure(lambda: (fn(),), args.device, args.iters, args.warmup, "paged_attention flex-paged",
+                         cuda_graph=True)
+        result["rel_err"] = _rel_err((fn(),), expected)
+    result["note"] = f"torch flex_attention over PagedAttention pages of {FLEX_PAGE} tokens"
+    return {**result, **rates(0, nbytes, result["ms"], limits)}
 
 
 def kernels(args) -> dict:
@@ -195,6 +238,10 @@ def kernels(args) -> dict:
 
             results = run_systems(args.systems, bench_one, args.device, f"kernels {name} {direction}",
                                   compiled=("inductor",))
+            if name == "paged_attention":
+                results.update(run_systems(["flex-paged"], lambda _: _bench_flex(inputs, expected, args, nbytes,
+                                                                               limits), args.device,
+                                           f"kernels {name} {direction}", compiled=()))
             cases.append({"name": f"{name} {direction}", "metric": "ms", "results": results,
                           "limit": limit_ms(0, nbytes, limits),
                           "params": {"shapes": [list(t.shape) for t in inputs], "bytes": nbytes}})
