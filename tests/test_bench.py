@@ -66,6 +66,8 @@ def test_workload_numbers(results):
     for case in kernels["cases"]:
         fx = case["results"]["cohere_fx"]
         assert "error" in fx or fx["rel_err"] < 1e-5  # fp32: the op computes HF's math
+    flex = kernels["cases"][-1]["results"]["flex-paged"]  # torch's paged decode on the same step
+    assert "error" not in flex and flex["rel_err"] < 1e-5 and flex["ms"] > 0
 
 
 def test_report(results, tmp_path):
