@@ -87,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
                    "(continuous batching, compiled decode step); also reports steady-state decode tok/s")
     k = sub.add_parser("kernels", parents=[common], help="each cohere_fx op vs the HF math, eager and compiled")
     k.add_argument("--kernels", type=_names, help="default: layer_norm,qk_norm_rope,rope,scaled_cross_entropy,swiglu,"
-                                                 "parallel_residual")
+                                                 "embedding,parallel_residual,paged_attention")
     k.add_argument("--directions", type=_names, default=["fwd", "fwd+bwd"])
     k.add_argument("--batch", type=int)
     k.add_argument("--seq", type=int)

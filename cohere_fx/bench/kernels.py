@@ -21,7 +21,7 @@ from cohere_fx.bench.systems import run_systems
 from cohere_fx.bench.timing import device_limits, measure
 from cohere_fx.bench.workloads import limit_ms, rates
 
-KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu", "parallel_residual",
+KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu", "embedding", "parallel_residual",
            "paged_attention")
 # The backward of parallel_residual is its output gradient, passed on unchanged: no kernel to time.
 # paged_attention is a decode op: no backward.
@@ -70,6 +70,11 @@ def _case(name, shape: Shape, config, batch, seq, device, dtype):
         act = ACT2FN[config.hidden_act]
         return ([rand(batch, seq, shape.ffn), rand(batch, seq, shape.ffn)], [0, 1],
                 lambda g, u: act(g) * u, lambda g, u: ops.swiglu(g, u))
+    if name == "embedding":  # the token lookup; what differs is its backward, the [V, H] weight gradient (and the
+        # peak memory column: inductor's decomposition accumulates it in an fp32 [V, H] buffer)
+        ids = torch.randint(0, shape.vocab, (batch, seq), device=device)
+        return ([ids, rand(shape.vocab, shape.hidden)], [1], lambda i, w: F.embedding(i, w, 0),
+                lambda i, w: ops.embedding(i, w, 0))
     if name == "parallel_residual":  # CohereDecoderLayer: residual + hidden_states_attention + hidden_states_mlp
         return ([rand(batch, seq, shape.hidden) for _ in range(3)], [0, 1, 2],
                 lambda r, a, m: r + a + m, lambda r, a, m: ops.parallel_residual(r, a, m))
