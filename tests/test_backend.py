@@ -51,7 +51,7 @@ def test_print_graphs_and_passes_option(capsys):
 def test_every_op_has_an_inductor_fallback_before_compiling():
     """torch 2.11's inductor formats ``str()`` of an op's IR arguments when it makes an implicit fallback, which is
     exponential in the graph's depth (minutes on an 8-layer model), so the backend registers each op's fallback
-    first. OPDEFS is torch's own registry of custom ops: an op that ``custom_ops()`` misses fails here."""
+    first: every op in torch's registry of custom ops under ``cohere_fx::`` has a lowering afterwards."""
     from torch._inductor.lowering import lowerings
     from torch._library.custom_ops import OPDEFS
 

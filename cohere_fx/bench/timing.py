@@ -143,19 +143,15 @@ def compile_profile() -> dict:
     """Where the first (compiling) call went: torch's compile phases (seconds, summed over graphs) and how many
     variants Triton compiled of each cohere_fx kernel (a kernel recompiled per call site would show here)."""
     import triton
-
-    import cohere_fx.kernels as kernel_package
     from torch._dynamo.utils import compile_times
 
     names, values = compile_times(repr="csv", aggregate=True)
     phases = {n: float(v) for n, v in zip(names, values) if float(v) >= 0.5}
-    variants = {}
-    for module in vars(kernel_package).values():
-        for name, fn in vars(module).items() if hasattr(module, "__file__") else ():
-            if isinstance(fn, triton.runtime.JITFunction) and getattr(fn, "device_caches", None):
-                count = sum(len(cache[0]) for cache in fn.device_caches.values())
-                if count:
-                    variants[name] = count
+    kernels = [(name, fn) for module_name, module in list(sys.modules.items())
+               if module_name.startswith("cohere_fx.kernels.")
+               for name, fn in vars(module).items() if isinstance(fn, triton.runtime.JITFunction)]
+    variants = {name: count for name, fn in kernels
+                if (count := sum(len(cache[0]) for cache in getattr(fn, "device_caches", {}).values()))}
     return {"phases_s": dict(sorted(phases.items(), key=lambda kv: -kv[1])), "triton_variants": variants}
 
 

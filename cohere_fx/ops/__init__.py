@@ -15,12 +15,10 @@ from cohere_fx.ops import embedding  # noqa: F401
 
 
 def custom_ops() -> list:
-    """Every op this package registered (``torch.library.custom_op`` definitions found in its modules)."""
-    from torch._library.custom_ops import CustomOpDef
+    """Every op registered under ``cohere_fx::`` (torch's own registry of ``torch.library.custom_op``s)."""
+    from torch._library.custom_ops import OPDEFS
 
-    return [value for module in (layer_norm, cross_entropy, qk_norm_rope, paged_attention, swiglu, parallel_residual,
-                                   embedding)
-            for value in vars(module).values() if isinstance(value, CustomOpDef)]
+    return [op for name, op in OPDEFS.items() if name.startswith("cohere_fx::")]
 
 
 @functools.cache

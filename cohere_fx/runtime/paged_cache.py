@@ -137,7 +137,7 @@ class _BlockTable:
         tail = [j for j in pages if j > (length - 1) // bs]
         self.allocator.free([pages.pop(j) for j in tail])
         if tail:
-            self.table[seq, torch.tensor(tail, device=self.table.device)] = 0
+            self.table[seq, to_device(tail, self.table.device)] = 0
 
     def release(self, seq: int) -> None:
         self.allocator.free(self.pages[seq].values())
