@@ -216,3 +216,23 @@ def test_peak_live_replays_the_allocator_trace():
     result = peak_live(events)
     assert result["peak_gib"] == 5  # a.py 1 + 1 and c.py 3 (b.py was freed before c.py came)
     assert [(m["site"].split(":")[0], m["gib"], m["count"]) for m in result["top"]] == [("c.py", 3, 1), ("a.py", 2, 2)]
+
+
+def test_profile_summary_groups_gemms_by_shape_and_formats():
+    """--profile's accounting on a CPU profile: matrix products grouped by op and input shapes (no CUDA kernels
+    on the CPU, so the kernel list is empty), and the printed table holds the GEMM lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cohere_fx.bench.timing import format_profile, profile_summary
+
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(3):
+            torch.mm(a, b)
+        torch.mm(b.t(), b)
+    summary = profile_summary(prof.events(), wall_ms=2.0)
+    assert summary["top"] == [] and summary["gpu_busy_ms"] == 0
+    calls = {g["op"]: g["calls"] for g in summary["gemms"]}
+    assert calls == {"aten::mm [[64, 32], [32, 16]]": 3, "aten::mm [[16, 32], [32, 16]]": 1}
+    text = format_profile("probe", summary)
+    assert text.startswith("probe: wall 2.00 ms") and text.count("GEMM") == 2

@@ -115,28 +115,53 @@ def _graphed(fn, device: torch.device):
     return graph.replay
 
 
-def kernel_profile(fn, device: torch.device, top: int = 12) -> dict:
-    """Where one call's GPU time goes: the ``top`` kernels by total device time, and how much of the call's wall
-    time the GPU was busy at all (kernel time / wall time). A busy share well under 100 % means the host (Python,
-    launches, syncs) sets the pace, not the kernels; the kernel list says which kernels to fix otherwise."""
-    from torch.autograd import DeviceType
+_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+
+
+def kernel_profile(fn, device: torch.device, top: int = 40) -> dict:
+    """Where one call's GPU time goes: ``profile_summary`` of a profiled call."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         begin = time.perf_counter()
         fn()
         torch.cuda.synchronize(device)
         wall_ms = (time.perf_counter() - begin) * 1e3
+    return profile_summary(prof.events(), wall_ms, top)
+
+
+def profile_summary(events, wall_ms: float, top: int = 12) -> dict:
+    """The ``top`` kernels by total device time, and how much of the call's wall time the GPU was busy at all
+    (kernel time / wall time). A busy share well under 100 % means the host (Python, launches, syncs) sets the
+    pace, not the kernels; the kernel list says which kernels to fix otherwise. ``gemms``: device time of the
+    matrix products by op and input shapes, so that two systems' GEMMs can be compared shape by shape (a kernel
+    name alone mixes shapes, and cuBLAS picks one name for many)."""
+    from torch.autograd import DeviceType
+
     kernels: dict = {}
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            ms, count = kernels.get(event.name, (0.0, 0))
-            kernels[event.name] = (ms + event.time_range.elapsed_us() / 1e3, count + 1)
+    gemms: dict = {}
+    for event in events:
+        annotation = getattr(event, "is_user_annotation", False) or event.name.startswith("## ")
+        if event.device_type == DeviceType.CUDA and not annotation:
+            # (annotations such as inductor's "## Call CompiledFxGraph ##" span kernels: not kernels themselves)
+            key, ms = event.name, event.time_range.elapsed_us() / 1e3
+            table = kernels
+        elif event.name in _GEMM_OPS:
+            key, ms = f"{event.name} {event.input_shapes}", event.device_time_total / 1e3
+            table = gemms
+        else:
+            continue
+        total, count = table.get(key, (0.0, 0))
+        table[key] = (total + ms, count + 1)
     busy_ms = sum(ms for ms, _ in kernels.values())
-    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+
+    def ranked(table, n=None):
+        return sorted(table.items(), key=lambda kv: -kv[1][0])[:n]
+
     return {"wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "gpu_busy_pct": 100 * busy_ms / wall_ms,
-            "top": [{"kernel": name[:160], "ms": ms, "calls": count} for name, (ms, count) in ranked]}
+            "top": [{"kernel": name[:160], "ms": ms, "calls": count} for name, (ms, count) in ranked(kernels, top)],
+            "gemms": [{"op": key, "ms": ms, "calls": count} for key, (ms, count) in ranked(gemms)]}
 
 
 def compile_profile() -> dict:
@@ -217,7 +242,8 @@ def format_memory(label: str, mem: dict) -> str:
 def format_profile(label: str, prof: dict) -> str:
     lines = [f"{label}: wall {prof['wall_ms']:.2f} ms, GPU busy {prof['gpu_busy_ms']:.2f} ms "
              f"({prof['gpu_busy_pct']:.0f} %)"]
-    lines += [f"  {k['ms']:9.3f} ms {k['calls']:6d}x  {k['kernel'][:110]}" for k in prof["top"]]
+    lines += [f"  {k['ms']:9.3f} ms {k['calls']:6d}x  {k['kernel'][:110]}" for k in prof["top"][:12]]
+    lines += [f"  GEMM {g['ms']:9.3f} ms {g['calls']:6d}x  {g['op'][:110]}" for g in prof.get("gemms", [])[:12]]
     if "compile" in prof:
         lines.append(f"  compile phases (s): {prof['compile']['phases_s']}")
         lines.append(f"  triton variants: {prof['compile']['triton_variants']}")
