@@ -165,6 +165,17 @@ def _nbytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _moved_bytes(name, inputs, refs, grads_out, wrt) -> int:
+    """Bytes a kernel must move at least: its inputs and outputs once, and in the backward the inputs again, the
+    output gradients and the input gradients. A lookup reads only the rows it looks up (as many as its output),
+    not the whole table."""
+    read = inputs if name != "embedding" else [inputs[0], *refs]
+    nbytes = _nbytes(read) + _nbytes(refs)
+    if grads_out:
+        nbytes += _nbytes(read) + _nbytes(grads_out) + _nbytes(wrt)
+    return nbytes
+
+
 def _rel_err(outs, refs) -> float:
     worst = 0.0
     for out, ref in zip(outs, refs):
@@ -216,9 +227,7 @@ def kernels(args) -> dict:
             grads_out = [torch.randn_like(r) for r in refs] if backward else []
             leaves = [t.detach().requires_grad_(backward and i in diff) for i, t in enumerate(inputs)]
             wrt = [leaves[i] for i in diff]
-            nbytes = _nbytes(inputs) + _nbytes(refs)
-            if backward:
-                nbytes += _nbytes(inputs) + _nbytes(grads_out) + _nbytes(wrt)
+            nbytes = _moved_bytes(name, inputs, refs, grads_out, wrt)
 
             def run(fn):
                 """The outputs (fwd) or the input gradients (fwd+bwd): what is timed is what is checked."""
