@@ -121,16 +121,32 @@ def _num_sms(device: torch.device) -> int:
     return 2  # the interpreter: small, but enough to exercise the split path
 
 
+# Launch settings, swept on an H100 by benchmarks/sweep_paged_attention.py
+# (benchmarks/results/sweep-paged_attention-20261125.txt). TILE_N = None: ``tile_width`` decides.
+PROGRAMS_PER_SM = 8
+NUM_WARPS = 4
+TILE_N = None
+
+
+def tile_width(batch: int, kv_heads: int, max_tokens: int, device: torch.device) -> int:
+    """128-token tiles (fewer, longer loads: 2.61 TB/s at 16 x 4096 on an H100, 64-token tiles 2.49) when they
+    still give every SM ~4 programs; else 64, so that short contexts at small batch keep the SMs busy (1 x 640:
+    5.3 us with 64, 5.8 us with 128)."""
+    if TILE_N:
+        return TILE_N
+    return 128 if batch * kv_heads * triton.cdiv(max_tokens, 128) >= 4 * _num_sms(device) else 64
+
+
 def num_partitions(batch: int, kv_heads: int, max_tokens: int, device: torch.device, tile_n: int = 64) -> int:
-    """About 8 (sequence, kv head, partition) programs per SM: ~3 fit at once (144 registers at head_dim 128,
-    bf16, sm_90), so several waves hide the uneven tail; never more partitions than tiles."""
-    wanted = triton.cdiv(8 * _num_sms(device), batch * kv_heads)
+    """About PROGRAMS_PER_SM (sequence, kv head, partition) programs per SM: ~3 fit at once (144 registers at
+    head_dim 128, bf16, sm_90), so several waves hide the uneven tail; never more partitions than tiles."""
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), batch * kv_heads)
     return max(1, min(wanted, triton.cdiv(max_tokens, tile_n), 128))
 
 
 def paged_attention_fwd(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, scale: float, window: int, parts: int | None = None, tile_n: int = 64,
+    seq_lens: torch.Tensor, scale: float, window: int, parts: int | None = None, tile_n: int | None = None,
 ) -> torch.Tensor:
     """q ``[B, H, D]``, pools ``[num_blocks, block_size, Hkv, D]``, block_tables ``[B, max_blocks]`` int32,
     seq_lens ``[B]`` int32 -> ``[B, H, D]`` in q's dtype. ``parts`` overrides the partition count."""
@@ -139,6 +155,7 @@ def paged_attention_fwd(
     max_tokens = block_tables.shape[1] * block_size
     if window > 0:
         max_tokens = min(max_tokens, window)
+    tile_n = tile_n or tile_width(batch, kv_heads, max_tokens, q.device)
     if parts is None:
         parts = num_partitions(batch, kv_heads, max_tokens, q.device, tile_n)
     group = num_heads // kv_heads
@@ -157,7 +174,7 @@ def paged_attention_fwd(
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE_N=tile_n, FINAL=parts == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no tf32 rounding for fp32 caches
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )
     if parts > 1:
         _paged_attention_reduce[(batch * num_heads,)](

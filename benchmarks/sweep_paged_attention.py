@@ -1,0 +1,36 @@
+"""Launch-config sweep for the paged_attention decode kernel on a GPU, CUDA-graph timed: tile width, warps and
+programs per SM, at issue 5's 16 x 4096 case and at the engine's decode contexts (r7b-8L shapes, pages of 16).
+
+    python benchmarks/sweep_paged_attention.py    # prints GB/s per (TILE_N, NUM_WARPS, PROGRAMS_PER_SM) and case
+"""
+import itertools
+
+import torch
+import triton.testing
+
+import cohere_fx.ops  # noqa: F401
+from cohere_fx.bench.kernels import _paged_case
+from cohere_fx.bench.models import Shape, config_for
+from cohere_fx.kernels import paged_attention as kernels
+
+shape = Shape.of(config_for("r7b-8L"))
+CASES = [(16, 4096), (1, 640), (16, 640), (64, 2112)]
+
+
+def rand(*size):
+    return torch.randn(*size, device="cuda", dtype=torch.bfloat16)
+
+
+inputs = {case: _paged_case(shape, *case, "cuda", rand) for case in CASES}
+for tile, warps, per_sm in itertools.product([32, 64, 128], [4, 8], [4, 8, 16]):
+    kernels.TILE_N, kernels.NUM_WARPS, kernels.PROGRAMS_PER_SM = tile, warps, per_sm
+    cells = []
+    for (batch, context), (args, _, reference, op) in inputs.items():
+        nbytes = sum(t.numel() * t.element_size() for t in args[1:3])
+        try:
+            torch.testing.assert_close(op(*args), reference(*args), rtol=2e-2, atol=2e-2)
+            ms = triton.testing.do_bench_cudagraph(lambda: op(*args))
+            cells.append(f"B{batch}x{context} {ms * 1e3:6.1f} us {nbytes / ms / 1e6:5.0f} GB/s")
+        except Exception as e:  # noqa: BLE001 - a config the GPU cannot run is reported, not fatal
+            cells.append(f"B{batch}x{context} {type(e).__name__}")
+    print(f"tile {tile:3d} warps {warps} per_sm {per_sm:2d}: " + " | ".join(cells), flush=True)
