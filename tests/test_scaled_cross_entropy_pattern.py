@@ -1,8 +1,11 @@
 """The head-and-loss fusions in whole models: ``scaled_cross_entropy`` (logits returned) and
 ``linear_cross_entropy`` (``return_logits=False``) — HF's loss with logit_scale, ignored labels, 'mean' and the
 'sum' / num_items_in_batch form of gradient accumulation: loss and every gradient vs eager; what each keeps."""
+import re
+
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 from transformers import CohereForCausalLM
 
 import cohere_fx
@@ -40,6 +43,52 @@ def test_loss_and_gradients_match_eager(logit_scale, dtype, tol, num_items, retu
 
 
 HEAD_PATTERNS = ("scaled_cross_entropy", "linear_cross_entropy")
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_mean_divides_inside_linear_cross_entropy(num_items):
+    """'mean' hands the count of non-ignored labels to the op as its divisor, so the op's forward computes the
+    mean's gradients and nothing divides after it; 'sum' (num_items_in_batch) keeps HF's division."""
+    model = CohereForCausalLM(tiny_cohere_config(layers=1))
+    ids = torch.randint(3, 128, (2, 8))
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    after = cohere_fx.explain(model, ids, labels=ids, options={"return_logits": False}, **kwargs).graphs[0].after
+    (call,) = [line for line in after.splitlines() if "cohere_fx.linear_cross_entropy(" in line]
+    args = call[call.index("(") + 1:-1].split(", ")
+    divided = " = linear_cross_entropy / " in after
+    if num_items is None:
+        assert len(args) == 6 and re.search(rf"^ *{args[-1]}\b.* = \w+\.sum\(\)$", after, re.M) and not divided
+    else:
+        assert len(args) == 5 and divided
+
+
+def test_compiled_backward_scales_the_weight_gradient_in_place():
+    """Inductor (the default): the head's weight gradient, computed in the op's forward, gets the loss gradient's
+    scale and the tied embedding's gradient in one pass that writes the saved buffer: the post-grad backward has
+    no clone or copy of a [V, H] tensor, and its code allocates none. The gradients are eager's."""
+    model = CohereForCausalLM(tiny_cohere_config(layers=1))
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    ids = torch.randint(3, vocab, (2, 10))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    loss_e, grads_e = _loss_and_grads(model, ids, labels)
+    graphs = []
+    options = {"return_logits": False, "inductor_config": {"post_grad_custom_post_pass": graphs.append}}
+    compiled = torch.compile(model, backend="cohere_fx", options=options)
+    (loss_c, grads_c), codes = run_and_get_code(_loss_and_grads, compiled, ids, labels)
+    assert rel_err(loss_c, loss_e) < 1e-5 and all(rel_err(grads_c[n], grads_e[n]) < 1e-5 for n in grads_e)
+
+    (backward,) = [g for g in graphs if any("tangents" in n.name for n in g.find_nodes(op="placeholder"))]
+    weight_sized = [n for n in backward.nodes if n.op == "call_function" and _shape(n) == (vocab, hidden)]
+    assert {n.target for n in weight_sized} == {torch.ops.aten.mul.Tensor, torch.ops.aten.add.Tensor,
+                                                torch.ops.cohere_fx.embedding_backward.default}
+    (code,) = [c for c in codes if "tangents" in c]
+    assert not re.search(rf"empty_strided_\w+\(\({vocab}, {hidden}\)", code)
+
+
+def _shape(node):
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
 def test_return_logits_false_returns_no_logits_and_default_returns_hf_logits():

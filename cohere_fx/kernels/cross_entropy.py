@@ -1,11 +1,13 @@
-"""Cross-entropy over logit-scaled rows in Triton: forward (loss + logsumexp) and backward (dlogits).
+"""Cross-entropy over logit-scaled rows in Triton: forward (loss + logsumexp) and backward (dlogits), and the
+in-place scale of the gradients that linear cross-entropy computes in its forward.
 
 Cohere's head computes ``logits * logit_scale`` in the activation dtype and the HF loss upcasts that to fp32:
 with a 256 000-word vocabulary, the scaled copy, its fp32 upcast and the fp32 softmax gradient cost several
 GB per step. Here each program owns one row and walks it in BLOCK_V-wide blocks with an online max/sum, so
 nothing row-sized is ever held: the forward reads the unscaled logits once and writes two floats per row; the
-backward reads them once more and writes dlogits once (in place, if asked to). Both kernels reproduce HF's
-rounding of the scaled logits to the logits' dtype before the fp32 upcast, so bf16 losses match HF's.
+backward reads them once more and writes dlogits once (in place, if asked to), adding the logits' own incoming
+gradient where there is one, so that sum costs no second pass. Both kernels reproduce HF's rounding of the
+scaled logits to the logits' dtype before the fp32 upcast, so bf16 losses match HF's.
 """
 
 import torch
@@ -56,8 +58,9 @@ def _ce_fwd_kernel(LOGITS, LABELS, LOSS, LSE, stride_row, scale, ignore_index, V
 
 
 @triton.jit
-def _ce_bwd_kernel(DLOGITS, LOGITS, LABELS, LSE, DLOSS, stride_row, stride_drow, stride_dloss, scale,
-                   ignore_index, V: tl.constexpr, BLOCK_V: tl.constexpr):
+def _ce_bwd_kernel(DLOGITS, LOGITS, LABELS, LSE, DLOSS, DIN, stride_row, stride_drow, stride_dloss,
+                   stride_din_row, stride_din_col, scale, ignore_index, V: tl.constexpr, BLOCK_V: tl.constexpr,
+                   HAS_DIN: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(LABELS + row)
     lse = tl.load(LSE + row)
@@ -69,7 +72,20 @@ def _ce_bwd_kernel(DLOGITS, LOGITS, LABELS, LSE, DLOSS, stride_row, stride_drow,
         mask = cols < V
         p = tl.exp(_scaled(tl.load(base + cols, mask=mask, other=0.0), scale) - lse)
         g = coef * (p - tl.where(cols == label, 1.0, 0.0))
+        if HAS_DIN:
+            g += tl.load(DIN + row * stride_din_row + cols * stride_din_col, mask=mask, other=0.0).to(tl.float32)
         tl.store(dbase + cols, g.to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_kernel(X, SCALE, numel, BLOCK: tl.constexpr):
+    s = tl.load(SCALE)
+    if s == 1.0:
+        return
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(X + offs, mask=mask)
+    tl.store(X + offs, (x.to(tl.float32) * s).to(X.dtype.element_ty), mask=mask)
 
 
 def _launch_config(v: int, block_v: int | None) -> tuple[int, int]:
@@ -105,11 +121,14 @@ def cross_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, scale: float, 
 
 def cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
                       scale: float, ignore_index: int, out: torch.Tensor | None = None,
-                      block_v: int | None = None) -> torch.Tensor:
-    """dlogits = dloss[row] * scale * (softmax(z) - onehot(label)), 0 on ignored rows, in logits' dtype.
+                      dlogits_in: torch.Tensor | None = None, block_v: int | None = None) -> torch.Tensor:
+    """dlogits = dloss[row] * scale * (softmax(z) - onehot(label)) + dlogits_in, the first term 0 on ignored rows,
+    summed in fp32 and rounded once to logits' dtype.
 
-    ``dloss`` may have any stride (an expanded scalar has stride 0). ``out`` may be ``logits`` itself: each
-    element is read before it is overwritten by the same program, so the gradient can replace the logits.
+    ``dlogits_in`` (optional, [N, V], any strides and float dtype) is a gradient the logits receive from elsewhere:
+    adding it here spares a read and a write of the whole gradient. ``dloss`` may have any stride (an expanded
+    scalar has stride 0). ``out`` may be ``logits`` itself: each element is read before it is overwritten by the
+    same program, so the gradient can replace the logits.
     """
     _check(logits, labels)
     n, v = logits.shape
@@ -118,10 +137,29 @@ def cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, labels: torch.T
         raise ValueError(f"cross_entropy: dloss must be [{n}], got {tuple(dloss.shape)}")
     if out.shape != logits.shape or out.stride(1) != 1 or out.dtype != logits.dtype:
         raise ValueError("cross_entropy: out must match logits' shape and dtype with unit column stride")
+    if dlogits_in is not None and dlogits_in.shape != logits.shape:
+        raise ValueError(f"cross_entropy: dlogits_in must be {tuple(logits.shape)}, got {tuple(dlogits_in.shape)}")
+    din, din_strides = (logits, (0, 0)) if dlogits_in is None else (dlogits_in, dlogits_in.stride())
     if n:
         block_v, num_warps = _launch_config(v, block_v)
         with on_device(logits):
-            _ce_bwd_kernel[(n,)](out, logits, labels.contiguous(), lse.contiguous(), dloss, logits.stride(0),
-                                 out.stride(0), dloss.stride(0), float(scale), int(ignore_index),
-                                 V=v, BLOCK_V=block_v, num_warps=num_warps)
+            _ce_bwd_kernel[(n,)](out, logits, labels.contiguous(), lse.contiguous(), dloss, din, logits.stride(0),
+                                 out.stride(0), dloss.stride(0), *din_strides, float(scale), int(ignore_index),
+                                 V=v, BLOCK_V=block_v, HAS_DIN=dlogits_in is not None, num_warps=num_warps)
     return out
+
+
+def scale_(x: torch.Tensor, scale: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """``x *= scale`` in place: x in fp32 times the fp32 scale, rounded once to x's dtype (what ``x.mul_(scale)``
+    computes on CPU). When scale == 1 every program returns after reading it, so x is neither read nor written;
+    the comparison runs on the device, so the caller never synchronises with the host. x contiguous; scale one
+    element on x's device.
+    """
+    if not x.is_contiguous() or scale.numel() != 1 or scale.device != x.device:
+        raise ValueError(f"scale_: x must be contiguous and scale one element on its device, got strides "
+                         f"{x.stride()} and a {tuple(scale.shape)} scale on {scale.device}")
+    if x.numel():
+        with on_device(x):
+            _scale_kernel[(triton.cdiv(x.numel(), block),)](x, scale.to(torch.float32), x.numel(), BLOCK=block,
+                                                             num_warps=8)
+    return x

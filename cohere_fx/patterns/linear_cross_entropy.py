@@ -23,9 +23,13 @@ def check(match: Match):
 
 
 def replace(match: Match):
-    total = match.call(torch.ops.cohere_fx.linear_cross_entropy.default, head.rows(match), match["weight"],
-                       match["labels"], float(match["logit_scale"]), match["ignore_index"])
-    return head.reduce(match, total), None
+    """'mean' hands the count of non-ignored labels to the op as its divisor rather than dividing its sum: the op
+    then computes the gradients of the mean in its forward, and the backward of an unscaled loss scales nothing.
+    'sum' (HF's num_items_in_batch form) keeps the division that follows in the graph."""
+    divisor = (head.count(match),) if match["reduction"] == "mean" else ()
+    loss = match.call(torch.ops.cohere_fx.linear_cross_entropy.default, head.rows(match), match["weight"],
+                      match["labels"], float(match["logit_scale"]), match["ignore_index"], *divisor)
+    return loss, None
 
 
 PATTERN = Pattern("linear_cross_entropy", head.search, replace, check, literals=head.LITERALS)

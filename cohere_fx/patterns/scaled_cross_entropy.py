@@ -54,13 +54,17 @@ def rows(match: Match) -> torch.fx.Node:
     return match.graph.call_method("reshape", (match["hidden"], -1, match.val("weight").shape[1]))
 
 
+def count(match: Match) -> torch.fx.Node:
+    """The number of non-ignored labels (int64, 0-dim): what HF's 'mean' divides the loss sum by."""
+    graph = match.graph
+    return graph.call_method("sum", (graph.call_function(operator.ne, (match["labels"], match["ignore_index"])),))
+
+
 def reduce(match: Match, total: torch.fx.Node) -> torch.fx.Node:
     """HF's reduction of the per-token loss sum: as is for 'sum', over the non-ignored count for 'mean'."""
     if match["reduction"] == "sum":
         return total
-    graph, labels = match.graph, match["labels"]
-    count = graph.call_method("sum", (graph.call_function(operator.ne, (labels, match["ignore_index"])),))
-    return graph.call_function(operator.truediv, (total, count))
+    return match.graph.call_function(operator.truediv, (total, count(match)))
 
 
 def replace(match: Match):
