@@ -62,12 +62,13 @@ def test_workload_numbers(results):
     kernels = records["kernels"]
     names = [c["name"] for c in kernels["cases"]]
     assert names == [f"{k} {d}" for k in ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu",
-                                          "embedding") for d in ("fwd", "fwd+bwd")] + ["parallel_residual fwd",
-                                                                                      "paged_attention fwd"]
+                                          "embedding") for d in ("fwd", "fwd+bwd")] + [
+        "parallel_residual fwd", "paged_attention fwd", "decode_linear fwd"]
     for case in kernels["cases"]:
         fx = case["results"]["cohere_fx"]
         assert "error" in fx or fx["rel_err"] < 1e-5  # fp32: the op computes HF's math
-    flex = kernels["cases"][-1]["results"]["flex-paged"]  # torch's paged decode on the same step
+    paged = next(case for case in kernels["cases"] if case["name"] == "paged_attention fwd")
+    flex = paged["results"]["flex-paged"]  # torch's paged decode on the same step
     assert "error" not in flex and flex["rel_err"] < 1e-5 and flex["ms"] > 0
 
 

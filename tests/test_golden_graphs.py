@@ -59,7 +59,8 @@ parallel_residual           1
 linear_cross_entropy        0
 scaled_cross_entropy        0
 lora_shared_input           0
-graph 0: 141 nodes -> 58 nodes
+decode_linear               1
+graph 0: 141 nodes -> 59 nodes
 graph(
         view_seq_lens: i32[2],
         input_ids: i64[2, 1],
@@ -101,12 +102,15 @@ graph(
     sin_2: f32[2, 1, 16] = sin_1.to(torch.float32)
     _log_api_usage_once = torch._C._log_api_usage_once('python.nn_module')
     layer_norm: f32[2, 1, 64] = cohere_fx.layer_norm(embedding_1, model.model.layers.0.input_layernorm.weight, 1e-05)
-    linear: f32[2, 1, 64] = torch.nn.functional.linear(layer_norm, model.model.layers.0.self_attn.q_proj.weight, None)
-    query_states: f32[2, 1, 4, 16] = linear.view((2, 1, -1, 16))
-    linear_1: f32[2, 1, 32] = torch.nn.functional.linear(layer_norm, model.model.layers.0.self_attn.k_proj.weight, None)
-    key_states: f32[2, 1, 2, 16] = linear_1.view((2, 1, -1, 16))
-    linear_2: f32[2, 1, 32] = torch.nn.functional.linear(layer_norm, model.model.layers.0.self_attn.v_proj.weight, None)
-    value_states: f32[2, 1, 2, 16] = linear_2.view((2, 1, -1, 16))
+    decode_linear: (f32[2, 1, 64], f32[2, 1, 32], f32[2, 1, 32], f32[2, 1, 256], f32[2, 1, 256]) = cohere_fx.decode_linear(layer_norm, [model.model.layers.0.self_attn.q_proj.weight, model.model.layers.0.self_attn.k_proj.weight, model.model.layers.0.self_attn.v_proj.weight, model.model.layers.0.mlp.gate_proj.weight, model.model.layers.0.mlp.up_proj.weight])
+    getitem_17: f32[2, 1, 64] = decode_linear[0]
+    getitem_18: f32[2, 1, 32] = decode_linear[1]
+    getitem_19: f32[2, 1, 32] = decode_linear[2]
+    getitem_20: f32[2, 1, 256] = decode_linear[3]
+    getitem_21: f32[2, 1, 256] = decode_linear[4]
+    query_states: f32[2, 1, 4, 16] = getitem_17.view((2, 1, -1, 16))
+    key_states: f32[2, 1, 2, 16] = getitem_18.view((2, 1, -1, 16))
+    value_states: f32[2, 1, 2, 16] = getitem_19.view((2, 1, -1, 16))
     value_states_1: f32[2, 2, 1, 16] = value_states.transpose(1, 2)
     qk_norm_rope: (f32[2, 4, 1, 16], f32[2, 2, 1, 16]) = cohere_fx.qk_norm_rope(query_states, key_states, cos_2, sin_2, model.model.layers.0.self_attn.q_norm.weight, model.model.layers.0.self_attn.k_norm.weight, 1e-05)
     qk_norm_rope_k: f32[2, 2, 1, 16] = qk_norm_rope[1]
@@ -129,9 +133,7 @@ graph(
     reshape_2: f32[2, 1, 64] = attn_output_1.reshape(2, 1, -1)
     attn_output_2: f32[2, 1, 64] = reshape_2.contiguous()
     attn_output_3: f32[2, 1, 64] = torch.nn.functional.linear(attn_output_2, model.model.layers.0.self_attn.o_proj.weight, None)
-    linear_4: f32[2, 1, 256] = torch.nn.functional.linear(layer_norm, model.model.layers.0.mlp.gate_proj.weight, None)
-    linear_5: f32[2, 1, 256] = torch.nn.functional.linear(layer_norm, model.model.layers.0.mlp.up_proj.weight, None)
-    swiglu: f32[2, 1, 256] = cohere_fx.swiglu(linear_4, linear_5)
+    swiglu: f32[2, 1, 256] = cohere_fx.swiglu(getitem_20, getitem_21)
     down_proj: f32[2, 1, 64] = torch.nn.functional.linear(swiglu, model.model.layers.0.mlp.down_proj.weight, None)
     parallel_residual: f32[2, 1, 64] = cohere_fx.parallel_residual(embedding_1, attn_output_3, down_proj)
     layer_norm_1: f32[2, 1, 64] = cohere_fx.layer_norm(parallel_residual, model.model.norm.weight, 1e-05)
@@ -159,7 +161,8 @@ parallel_residual           1
 linear_cross_entropy        0
 scaled_cross_entropy        0
 lora_shared_input           0
-graph 0: 136 nodes -> 53 nodes
+decode_linear               1
+graph 0: 136 nodes -> 54 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -200,12 +203,15 @@ graph(
     sin_2: f32[1, 8, 16] = sin_1.to(torch.float32)
     _log_api_usage_once = torch._C._log_api_usage_once('python.nn_module')
     layer_norm: f32[2, 8, 64] = cohere_fx.layer_norm(embedding_1, model.layers.0.input_layernorm.weight, 1e-05)
-    linear: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.q_proj.weight, None)
-    query_states: f32[2, 8, 4, 16] = linear.view((2, 8, -1, 16))
-    linear_1: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.k_proj.weight, None)
-    key_states: f32[2, 8, 2, 16] = linear_1.view((2, 8, -1, 16))
-    linear_2: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.v_proj.weight, None)
-    value_states: f32[2, 8, 2, 16] = linear_2.view((2, 8, -1, 16))
+    decode_linear: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm, [model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight, model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight])
+    getitem_13: f32[2, 8, 64] = decode_linear[0]
+    getitem_14: f32[2, 8, 32] = decode_linear[1]
+    getitem_15: f32[2, 8, 32] = decode_linear[2]
+    getitem_16: f32[2, 8, 256] = decode_linear[3]
+    getitem_17: f32[2, 8, 256] = decode_linear[4]
+    query_states: f32[2, 8, 4, 16] = getitem_13.view((2, 8, -1, 16))
+    key_states: f32[2, 8, 2, 16] = getitem_14.view((2, 8, -1, 16))
+    value_states: f32[2, 8, 2, 16] = getitem_15.view((2, 8, -1, 16))
     value_states_1: f32[2, 2, 8, 16] = value_states.transpose(1, 2)
     qk_norm_rope: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.qk_norm_rope(query_states, key_states, cos_2, sin_2, model.layers.0.self_attn.q_norm.weight, model.layers.0.self_attn.k_norm.weight, 1e-05)
     qk_norm_rope_k: f32[2, 2, 8, 16] = qk_norm_rope[1]
@@ -220,9 +226,7 @@ graph(
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
     attn_output_3: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_2, model.layers.0.self_attn.o_proj.weight, None)
-    linear_4: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.gate_proj.weight, None)
-    linear_5: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.up_proj.weight, None)
-    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(linear_4, linear_5)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(getitem_16, getitem_17)
     down_proj: f32[2, 8, 64] = torch.nn.functional.linear(swiglu, model.layers.0.mlp.down_proj.weight, None)
     parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(embedding_1, attn_output_3, down_proj)
     layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual, model.norm.weight, 1e-05)
@@ -248,7 +252,8 @@ parallel_residual           4
 linear_cross_entropy        0
 scaled_cross_entropy        0
 lora_shared_input           0
-graph 0: 316 nodes -> 143 nodes
+decode_linear               4
+graph 0: 316 nodes -> 147 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -315,12 +320,15 @@ graph(
     cos_2: f32[1, 8, 16] = cos_1.to(torch.float32)
     sin_2: f32[1, 8, 16] = sin_1.to(torch.float32)
     layer_norm: f32[2, 8, 64] = cohere_fx.layer_norm(embedding_1, model.layers.0.input_layernorm.weight, 1e-05)
-    linear: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.q_proj.weight, None)
-    view: f32[2, 8, 4, 16] = linear.view((2, 8, -1, 16))
-    linear_1: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.k_proj.weight, None)
-    view_1: f32[2, 8, 2, 16] = linear_1.view((2, 8, -1, 16))
-    linear_2: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm, model.layers.0.self_attn.v_proj.weight, None)
-    view_2: f32[2, 8, 2, 16] = linear_2.view((2, 8, -1, 16))
+    decode_linear: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm, [model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight, model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight])
+    getitem_37: f32[2, 8, 64] = decode_linear[0]
+    getitem_38: f32[2, 8, 32] = decode_linear[1]
+    getitem_39: f32[2, 8, 32] = decode_linear[2]
+    getitem_40: f32[2, 8, 256] = decode_linear[3]
+    getitem_41: f32[2, 8, 256] = decode_linear[4]
+    view: f32[2, 8, 4, 16] = getitem_37.view((2, 8, -1, 16))
+    view_1: f32[2, 8, 2, 16] = getitem_38.view((2, 8, -1, 16))
+    view_2: f32[2, 8, 2, 16] = getitem_39.view((2, 8, -1, 16))
     value_states: f32[2, 2, 8, 16] = view_2.transpose(1, 2)
     rope: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view, view_1, cos_2, sin_2)
     rope_k: f32[2, 2, 8, 16] = rope[1]
@@ -338,18 +346,19 @@ graph(
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
     attn_output_3: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_2, model.layers.0.self_attn.o_proj.weight, None)
-    linear_4: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.gate_proj.weight, None)
-    linear_5: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm, model.layers.0.mlp.up_proj.weight, None)
-    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(linear_4, linear_5)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(getitem_40, getitem_41)
     down_proj: f32[2, 8, 64] = torch.nn.functional.linear(swiglu, model.layers.0.mlp.down_proj.weight, None)
     parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(embedding_1, attn_output_3, down_proj)
     layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual, model.layers.1.input_layernorm.weight, 1e-05)
-    linear_7: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm_1, model.layers.1.self_attn.q_proj.weight, None)
-    view_3: f32[2, 8, 4, 16] = linear_7.view((2, 8, -1, 16))
-    linear_8: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_1, model.layers.1.self_attn.k_proj.weight, None)
-    view_4: f32[2, 8, 2, 16] = linear_8.view((2, 8, -1, 16))
-    linear_9: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_1, model.layers.1.self_attn.v_proj.weight, None)
-    view_5: f32[2, 8, 2, 16] = linear_9.view((2, 8, -1, 16))
+    decode_linear_1: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_1, [model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight, model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight])
+    getitem_42: f32[2, 8, 64] = decode_linear_1[0]
+    getitem_43: f32[2, 8, 32] = decode_linear_1[1]
+    getitem_44: f32[2, 8, 32] = decode_linear_1[2]
+    getitem_45: f32[2, 8, 256] = decode_linear_1[3]
+    getitem_46: f32[2, 8, 256] = decode_linear_1[4]
+    view_3: f32[2, 8, 4, 16] = getitem_42.view((2, 8, -1, 16))
+    view_4: f32[2, 8, 2, 16] = getitem_43.view((2, 8, -1, 16))
+    view_5: f32[2, 8, 2, 16] = getitem_44.view((2, 8, -1, 16))
     value_states_1: f32[2, 2, 8, 16] = view_5.transpose(1, 2)
     rope_1: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view_3, view_4, cos_2, sin_2)
     rope_1_k: f32[2, 2, 8, 16] = rope_1[1]
@@ -367,18 +376,19 @@ graph(
     reshape_5: f32[2, 8, 64] = attn_output_5.reshape(2, 8, -1)
     attn_output_6: f32[2, 8, 64] = reshape_5.contiguous()
     attn_output_7: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_6, model.layers.1.self_attn.o_proj.weight, None)
-    linear_11: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_1, model.layers.1.mlp.gate_proj.weight, None)
-    linear_12: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_1, model.layers.1.mlp.up_proj.weight, None)
-    swiglu_1: f32[2, 8, 256] = cohere_fx.swiglu(linear_11, linear_12)
+    swiglu_1: f32[2, 8, 256] = cohere_fx.swiglu(getitem_45, getitem_46)
     down_proj_1: f32[2, 8, 64] = torch.nn.functional.linear(swiglu_1, model.layers.1.mlp.down_proj.weight, None)
     parallel_residual_1: f32[2, 8, 64] = cohere_fx.parallel_residual(parallel_residual, attn_output_7, down_proj_1)
     layer_norm_2: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual_1, model.layers.2.input_layernorm.weight, 1e-05)
-    linear_14: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm_2, model.layers.2.self_attn.q_proj.weight, None)
-    view_6: f32[2, 8, 4, 16] = linear_14.view((2, 8, -1, 16))
-    linear_15: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_2, model.layers.2.self_attn.k_proj.weight, None)
-    view_7: f32[2, 8, 2, 16] = linear_15.view((2, 8, -1, 16))
-    linear_16: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_2, model.layers.2.self_attn.v_proj.weight, None)
-    view_8: f32[2, 8, 2, 16] = linear_16.view((2, 8, -1, 16))
+    decode_linear_2: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_2, [model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight, model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight])
+    getitem_47: f32[2, 8, 64] = decode_linear_2[0]
+    getitem_48: f32[2, 8, 32] = decode_linear_2[1]
+    getitem_49: f32[2, 8, 32] = decode_linear_2[2]
+    getitem_50: f32[2, 8, 256] = decode_linear_2[3]
+    getitem_51: f32[2, 8, 256] = decode_linear_2[4]
+    view_6: f32[2, 8, 4, 16] = getitem_47.view((2, 8, -1, 16))
+    view_7: f32[2, 8, 2, 16] = getitem_48.view((2, 8, -1, 16))
+    view_8: f32[2, 8, 2, 16] = getitem_49.view((2, 8, -1, 16))
     value_states_2: f32[2, 2, 8, 16] = view_8.transpose(1, 2)
     rope_2: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view_6, view_7, cos_2, sin_2)
     rope_2_k: f32[2, 2, 8, 16] = rope_2[1]
@@ -396,20 +406,21 @@ graph(
     reshape_8: f32[2, 8, 64] = attn_output_9.reshape(2, 8, -1)
     attn_output_10: f32[2, 8, 64] = reshape_8.contiguous()
     attn_output_11: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_10, model.layers.2.self_attn.o_proj.weight, None)
-    linear_18: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_2, model.layers.2.mlp.gate_proj.weight, None)
-    linear_19: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_2, model.layers.2.mlp.up_proj.weight, None)
-    swiglu_2: f32[2, 8, 256] = cohere_fx.swiglu(linear_18, linear_19)
+    swiglu_2: f32[2, 8, 256] = cohere_fx.swiglu(getitem_50, getitem_51)
     down_proj_2: f32[2, 8, 64] = torch.nn.functional.linear(swiglu_2, model.layers.2.mlp.down_proj.weight, None)
     parallel_residual_2: f32[2, 8, 64] = cohere_fx.parallel_residual(parallel_residual_1, attn_output_11, down_proj_2)
     layer_norm_3: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual_2, model.layers.3.input_layernorm.weight, 1e-05)
-    linear_21: f32[2, 8, 64] = torch.nn.functional.linear(layer_norm_3, model.layers.3.self_attn.q_proj.weight, None)
-    view_9: f32[2, 8, 4, 16] = linear_21.view((2, 8, -1, 16))
+    decode_linear_3: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_3, [model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight, model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight])
+    getitem_52: f32[2, 8, 64] = decode_linear_3[0]
+    getitem_53: f32[2, 8, 32] = decode_linear_3[1]
+    getitem_54: f32[2, 8, 32] = decode_linear_3[2]
+    getitem_55: f32[2, 8, 256] = decode_linear_3[3]
+    getitem_56: f32[2, 8, 256] = decode_linear_3[4]
+    view_9: f32[2, 8, 4, 16] = getitem_52.view((2, 8, -1, 16))
     query_states_6: f32[2, 4, 8, 16] = view_9.transpose(1, 2)
-    linear_22: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_3, model.layers.3.self_attn.k_proj.weight, None)
-    view_10: f32[2, 8, 2, 16] = linear_22.view((2, 8, -1, 16))
+    view_10: f32[2, 8, 2, 16] = getitem_53.view((2, 8, -1, 16))
     key_states_6: f32[2, 2, 8, 16] = view_10.transpose(1, 2)
-    linear_23: f32[2, 8, 32] = torch.nn.functional.linear(layer_norm_3, model.layers.3.self_attn.v_proj.weight, None)
-    view_11: f32[2, 8, 2, 16] = linear_23.view((2, 8, -1, 16))
+    view_11: f32[2, 8, 2, 16] = getitem_54.view((2, 8, -1, 16))
     value_states_3: f32[2, 2, 8, 16] = view_11.transpose(1, 2)
     tensor_9: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     tensor_10: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
@@ -421,9 +432,7 @@ graph(
     reshape_11: f32[2, 8, 64] = attn_output_13.reshape(2, 8, -1)
     attn_output_14: f32[2, 8, 64] = reshape_11.contiguous()
     attn_output_15: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_14, model.layers.3.self_attn.o_proj.weight, None)
-    linear_25: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_3, model.layers.3.mlp.gate_proj.weight, None)
-    linear_26: f32[2, 8, 256] = torch.nn.functional.linear(layer_norm_3, model.layers.3.mlp.up_proj.weight, None)
-    swiglu_3: f32[2, 8, 256] = cohere_fx.swiglu(linear_25, linear_26)
+    swiglu_3: f32[2, 8, 256] = cohere_fx.swiglu(getitem_55, getitem_56)
     down_proj_3: f32[2, 8, 64] = torch.nn.functional.linear(swiglu_3, model.layers.3.mlp.down_proj.weight, None)
     parallel_residual_3: f32[2, 8, 64] = cohere_fx.parallel_residual(parallel_residual_2, attn_output_15, down_proj_3)
     layer_norm_4: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual_3, model.norm.weight, 1e-05)

@@ -22,10 +22,10 @@ from cohere_fx.bench.timing import device_limits, measure
 from cohere_fx.bench.workloads import limit_ms, rates
 
 KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu", "embedding", "parallel_residual",
-           "paged_attention")
+           "paged_attention", "decode_linear")
 # The backward of parallel_residual is its output gradient, passed on unchanged: no kernel to time.
-# paged_attention is a decode op: no backward.
-FORWARD_ONLY = ("parallel_residual", "paged_attention")
+# paged_attention and decode_linear are decode ops: no backward.
+FORWARD_ONLY = ("parallel_residual", "paged_attention", "decode_linear")
 PAGE = 16  # tokens per KV page in the paged_attention case (DecodeRunner's default)
 IGNORE_INDEX = -100
 
@@ -80,6 +80,12 @@ def _case(name, shape: Shape, config, batch, seq, device, dtype):
                 lambda r, a, m: r + a + m, lambda r, a, m: ops.parallel_residual(r, a, m))
     if name == "paged_attention":
         return _paged_case(shape, batch, seq, device, rand)
+    if name == "decode_linear":  # one decode step's q, k, v, gate and up projections of `batch` tokens
+        sizes = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.kv_heads * shape.head_dim,
+                 shape.ffn, shape.ffn)
+        weights = [rand(n, shape.hidden) / shape.hidden ** 0.5 for n in sizes]
+        return ([rand(batch, 1, shape.hidden), *weights], [],
+                lambda x, *ws: tuple(F.linear(x, w) for w in ws), lambda x, *ws: tuple(ops.decode_linear(x, ws)))
     # q, k as q_proj/k_proj(h).view(B, S, heads, D): the tensors the HF graph hands to q_norm (or transposes).
     q, k = rand(batch, seq, shape.heads, shape.head_dim), rand(batch, seq, shape.kv_heads, shape.head_dim)
     positions = torch.arange(seq, device=device)[None].expand(batch, seq)

@@ -12,6 +12,7 @@ from cohere_fx.ops import paged_attention  # noqa: F401
 from cohere_fx.ops import swiglu  # noqa: F401
 from cohere_fx.ops import parallel_residual  # noqa: F401
 from cohere_fx.ops import embedding  # noqa: F401
+from cohere_fx.ops import decode_linear  # noqa: F401
 
 
 def custom_ops() -> list:

@@ -8,7 +8,7 @@ the graph and never assumed. Every other constant in the search function must ma
 """
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Hashable, Optional, Union
 
 import torch
 import torch.fx
@@ -105,3 +105,37 @@ class Pattern:
         nodes = [gn for pn, gn in internal.nodes_map.items()
                  if pn.op not in ("placeholder", "output") and isinstance(gn, torch.fx.Node) and gn not in inputs]
         return Match(self, graph, by_name, list(internal.returning_nodes), nodes)
+
+
+@dataclass(frozen=True)
+class SiblingPattern(Pattern):
+    """A horizontal fusion: its occurrences are groups of ``search`` matches that read one node, which a fixed
+    search graph cannot express (the number of members varies). ``member(match)`` says whether a single match
+    may join a group, ``source(x)`` what it really reads (seen through casts, say), ``min_size`` how many make a
+    group worth fusing and ``max_size`` how many one replacement takes (larger groups are cut, in graph order).
+    Each group is one ``Match`` with bindings ``x`` (the first member's input) and ``weights`` (every member's
+    ``weight``), and the members' outputs as outputs, so ``check``/``replace`` and the pass manager's counting
+    work unchanged: the count is fused groups."""
+
+    member: Callable[[Match], bool] = lambda match: True
+    source: Callable[[torch.fx.Node], Hashable] = lambda x: x
+    min_size: Callable[[Match], int] = lambda match: 2
+    max_size: int = 1 << 30
+
+    def find(self, graph: torch.fx.Graph, variant: torch.fx.Graph) -> list[Match]:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        groups: dict[Hashable, list[Match]] = {}
+        for single in super().find(graph, variant):
+            if self.member(single):
+                groups.setdefault(self.source(single["x"]), []).append(single)
+        found = []
+        for members in groups.values():
+            members.sort(key=lambda m: order[m.outputs[0]])
+            for first in range(0, len(members), self.max_size):
+                part = members[first:first + self.max_size]
+                if len(part) < self.min_size(part[0]):
+                    continue
+                outputs = [m.outputs[0] for m in part]
+                bindings = {"x": part[0]["x"], "weights": tuple(m["weight"] for m in part)}
+                found.append(Match(self, graph, bindings, outputs, list(outputs)))
+        return found

@@ -20,10 +20,8 @@ Design:
   is tiny (``sum(r) x hidden``; 640 KiB per layer at r=16, hidden 4096, bf16) next to the activation it saves
   reading. The same trick on the base q/k/v/gate/up weights would copy whole matrices each step, so only LoRA A
   linears are grouped: the ones Dynamo recorded inside PEFT's ``lora_A`` ModuleDict (the node's module stack).
-- A horizontal fusion has a variable number of members, which a fixed search graph cannot express. ``find`` is
-  overridden instead: ``search`` (``nn.Linear.forward`` without bias, as PEFT calls each ``lora_A``) matches each
-  member, and the matches are grouped by the node they read. A group is one ``Match`` whose outputs are its
-  members, so ``check``/``replace`` and the pass manager's counting work unchanged: the count is fused groups.
+- A horizontal fusion (``SiblingPattern``): ``search`` (``nn.Linear.forward`` without bias, as PEFT calls each
+  ``lora_A``) matches each member, and the matches are grouped by the node they read.
 - When the LoRA weights are fp32 over bf16 activations (QLoRA without autocast) PEFT casts the input once per
   layer: members reading casts of one node to one dtype form a group, and the fused GEMM reads the first cast.
 - With ``lora_dropout > 0`` each adapter reads its own dropout sample: the inputs differ, nothing is fused.
@@ -31,13 +29,12 @@ Design:
   does not have to move.
 """
 import operator
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.fx
 
-from cohere_fx.patterns.base import Match, Pattern, fake_value, known_equal
+from cohere_fx.patterns.base import Match, SiblingPattern, fake_value, known_equal
 
 
 def search(x, weight):
@@ -59,28 +56,6 @@ def _source(x: torch.fx.Node) -> tuple:
             and isinstance(x.args[1], torch.dtype) and isinstance(x.args[0], torch.fx.Node):
         return x.args[0], x.args[1]
     return x, None
-
-
-@dataclass(frozen=True)
-class SiblingPattern(Pattern):
-    """A pattern whose occurrences are groups: the matches of ``search`` on LoRA A linears that read one node.
-    Each group of two or more is a ``Match`` with bindings ``x`` (the first member's input) and ``weights``."""
-
-    def find(self, graph: torch.fx.Graph, variant: torch.fx.Graph) -> list[Match]:
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        groups: dict[tuple, list[Match]] = {}
-        for single in super().find(graph, variant):
-            if _in_lora_a(single.outputs[0]):
-                groups.setdefault(_source(single["x"]), []).append(single)
-        found = []
-        for members in groups.values():
-            if len(members) < 2:
-                continue
-            members.sort(key=lambda m: order[m.outputs[0]])
-            outputs = [m.outputs[0] for m in members]
-            bindings = {"x": members[0]["x"], "weights": tuple(m["weight"] for m in members)}
-            found.append(Match(self, graph, bindings, outputs, list(outputs)))
-        return found
 
 
 def check(match: Match) -> Optional[str]:
@@ -111,4 +86,5 @@ def replace(match: Match):
         return tuple(graph.call_function(operator.getitem, (parts, i)) for i in range(len(ranks)))
 
 
-PATTERN = SiblingPattern("lora_shared_input", search, replace, check)
+PATTERN = SiblingPattern("lora_shared_input", search, replace, check,
+                         member=lambda match: _in_lora_a(match.outputs[0]), source=_source)
