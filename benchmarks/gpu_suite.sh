@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_suite.sh tests      # GPU-marked tests + kernel tests compiled on CUDA
 #   bash benchmarks/gpu_suite.sh kernels    # every op vs HF eager math vs inductor (r7b-8L shapes)
 #   bash benchmarks/gpu_suite.sh sweep      # launch-config sweeps: qk_norm_rope, paged_attention, decode_linear
+#   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernels' sweeps alone: decode_linear, decode_residual
 #   bash benchmarks/gpu_suite.sh prefill    # r7b-8L prefill B4xS2048: eager, inductor, cohere_fx
 #   bash benchmarks/gpu_suite.sh train      # r7b-8L full fine-tune step B2xS2048, with logits and return_logits=false
 #   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new (decode64: batch 64)
@@ -30,6 +31,10 @@ print("torch", torch.__version__, "triton", triton.__version__, "transformers", 
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")
 PY
 BENCH_ARGS="${BENCH_ARGS:-}"
+sweep_decode() {
+  python benchmarks/sweep_decode_linear.py --out "$out" &&
+    python benchmarks/sweep_decode_residual.py | tee "$out/sweep-decode_residual.txt"
+}
 status=0
 for stage in "$@"; do
   echo "=== $stage ==="
@@ -37,15 +42,15 @@ for stage in "$@"; do
     tests)   python -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_layer_norm_kernel.py tests/test_qk_norm_rope.py \
                tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py tests/test_swiglu.py \
                tests/test_parallel_residual.py tests/test_decode_runner.py tests/test_peft_lora.py tests/test_embedding.py tests/test_engine.py \
-               tests/test_decode_linear.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
+               tests/test_decode_linear.py tests/test_decode_residual.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
     kernels) python -m cohere_fx.bench kernels $BENCH_ARGS --out "$out" &&
              # LayerNorm at hidden 8192 ([8192, 8192]: Command R / R+ widths)
              python -m cohere_fx.bench kernels $BENCH_ARGS --preset command-r --layers 1 --kernels layer_norm --out "$out" ;;
     ce)      python -m pytest -q -s -p no:cacheprovider --tb=short tests/test_cross_entropy.py -k h100 2>&1 | tee "$out/ce.log" | tail -25 ;;
     ln8k)    python -m cohere_fx.bench kernels $BENCH_ARGS --preset command-r --layers 1 --kernels layer_norm --out "$out" ;;
     sweep)   python benchmarks/sweep_qk_norm_rope.py | tee "$out/sweep-qk_norm_rope.txt" &&
-             python benchmarks/sweep_paged_attention.py | tee "$out/sweep-paged_attention.txt" &&
-             python benchmarks/sweep_decode_linear.py --out "$out" ;;
+             python benchmarks/sweep_paged_attention.py | tee "$out/sweep-paged_attention.txt" && sweep_decode ;;
+    sweep-decode) sweep_decode ;;
     prefill) python -m cohere_fx.bench prefill $BENCH_ARGS --out "$out" ;;
     train)   python -m cohere_fx.bench train $BENCH_ARGS --mode full --out "$out" &&
              python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare inductor,cohere_fx --option return_logits=false --out "$out" ;;

@@ -63,7 +63,7 @@ def test_workload_numbers(results):
     names = [c["name"] for c in kernels["cases"]]
     assert names == [f"{k} {d}" for k in ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu",
                                           "embedding") for d in ("fwd", "fwd+bwd")] + [
-        "parallel_residual fwd", "paged_attention fwd", "decode_linear fwd"]
+        "parallel_residual fwd", "paged_attention fwd", "decode_linear fwd", "decode_residual fwd"]
     for case in kernels["cases"]:
         fx = case["results"]["cohere_fx"]
         assert "error" in fx or fx["rel_err"] < 1e-5  # fp32: the op computes HF's math

@@ -77,7 +77,7 @@ def test_decode_step_fuses_one_launch_per_layer():
     report = decode_graph(model)
     assert report.matches["decode_linear"] == model.config.num_hidden_layers
     (graph,) = report.graphs
-    calls = [line for line in graph.after.splitlines() if "= cohere_fx.decode_" in line]
+    calls = [line for line in graph.after.splitlines() if "= cohere_fx.decode_linear(" in line]
     c = model.config
     head_dim = c.hidden_size // c.num_attention_heads
     q, kv, ffn = c.hidden_size, c.num_key_value_heads * head_dim, c.intermediate_size

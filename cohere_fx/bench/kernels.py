@@ -22,10 +22,10 @@ from cohere_fx.bench.timing import device_limits, measure
 from cohere_fx.bench.workloads import limit_ms, rates
 
 KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu", "embedding", "parallel_residual",
-           "paged_attention", "decode_linear")
+           "paged_attention", "decode_linear", "decode_residual")
 # The backward of parallel_residual is its output gradient, passed on unchanged: no kernel to time.
-# paged_attention and decode_linear are decode ops: no backward.
-FORWARD_ONLY = ("parallel_residual", "paged_attention", "decode_linear")
+# paged_attention, decode_linear and decode_residual are decode ops: no backward.
+FORWARD_ONLY = ("parallel_residual", "paged_attention", "decode_linear", "decode_residual")
 PAGE = 16  # tokens per KV page in the paged_attention case (DecodeRunner's default)
 IGNORE_INDEX = -100
 
@@ -86,6 +86,13 @@ def _case(name, shape: Shape, config, batch, seq, device, dtype):
         weights = [rand(n, shape.hidden) / shape.hidden ** 0.5 for n in sizes]
         return ([rand(batch, 1, shape.hidden), *weights], [],
                 lambda x, *ws: tuple(F.linear(x, w) for w in ws), lambda x, *ws: tuple(ops.decode_linear(x, ws)))
+    if name == "decode_residual":  # one decode step's layer tail: residual + o_proj(attn) + down_proj(mlp act)
+        act, width = ACT2FN[config.hidden_act], shape.heads * shape.head_dim
+        wo, wd = rand(shape.hidden, width) / width ** 0.5, rand(shape.hidden, shape.ffn) / shape.ffn ** 0.5
+        return ([rand(batch, 1, shape.hidden), rand(batch, 1, width), wo, rand(batch, 1, shape.ffn),
+                 rand(batch, 1, shape.ffn), wd],
+                [], lambda r, a, wo, g, u, wd: r + F.linear(a, wo) + F.linear(act(g) * u, wd),
+                lambda *args: ops.decode_residual(*args))
     # q, k as q_proj/k_proj(h).view(B, S, heads, D): the tensors the HF graph hands to q_norm (or transposes).
     q, k = rand(batch, seq, shape.heads, shape.head_dim), rand(batch, seq, shape.kv_heads, shape.head_dim)
     positions = torch.arange(seq, device=device)[None].expand(batch, seq)

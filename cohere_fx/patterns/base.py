@@ -64,6 +64,8 @@ class Pattern:
     ``check(match)`` returns None when the replacement is exact for this match, else the reason it is not (the
     report lists these as near misses). ``replace(match)`` is called with the graph's insert point set and
     returns the node (or tuple of nodes) that takes the place of the search function's output(s).
+    ``member(match)`` says whether an occurrence is a candidate at all: the decode-only fusions skip every
+    training graph and prefill silently instead of listing each layer there as a near miss.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Pattern:
     replace: Callable[[Match], Any]
     check: Callable[[Match], Optional[str]]
     literals: tuple[str, ...] = field(default=())
+    member: Callable[[Match], bool] = lambda match: True
 
     @cached_property
     def variants(self) -> list[torch.fx.Graph]:
@@ -91,7 +94,7 @@ class Pattern:
         found = []
         for internal in matcher.match(graph):
             match = self._to_match(graph, variant, internal)
-            if match is not None:
+            if match is not None and self.member(match):
                 found.append(match)
         return found
 
@@ -111,13 +114,13 @@ class Pattern:
 class SiblingPattern(Pattern):
     """A horizontal fusion: its occurrences are groups of ``search`` matches that read one node, which a fixed
     search graph cannot express (the number of members varies). ``member(match)`` says whether a single match
-    may join a group, ``source(x)`` what it really reads (seen through casts, say), ``min_size`` how many make a
-    group worth fusing and ``max_size`` how many one replacement takes (larger groups are cut, in graph order).
+    may join a group (as for any pattern), ``source(x)`` what it really reads (seen through casts, say),
+    ``min_size`` how many make a group worth fusing and ``max_size`` how many one replacement takes (larger
+    groups are cut, in graph order).
     Each group is one ``Match`` with bindings ``x`` (the first member's input) and ``weights`` (every member's
     ``weight``), and the members' outputs as outputs, so ``check``/``replace`` and the pass manager's counting
     work unchanged: the count is fused groups."""
 
-    member: Callable[[Match], bool] = lambda match: True
     source: Callable[[torch.fx.Node], Hashable] = lambda x: x
     min_size: Callable[[Match], int] = lambda match: 2
     max_size: int = 1 << 30
@@ -126,8 +129,7 @@ class SiblingPattern(Pattern):
         order = {n: i for i, n in enumerate(graph.nodes)}
         groups: dict[Hashable, list[Match]] = {}
         for single in super().find(graph, variant):
-            if self.member(single):
-                groups.setdefault(self.source(single["x"]), []).append(single)
+            groups.setdefault(self.source(single["x"]), []).append(single)
         found = []
         for members in groups.values():
             members.sort(key=lambda m: order[m.outputs[0]])
