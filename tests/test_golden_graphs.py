@@ -50,6 +50,7 @@ pattern               matches
 qk_norm_rope                1
 rope                        0
 paged_attention             1
+rope_kv_write               1
 causal_attention            0
 sliding_attention           0
 embedding                   1
@@ -61,7 +62,7 @@ scaled_cross_entropy        0
 lora_shared_input           0
 decode_residual             1
 decode_linear               1
-graph 0: 141 nodes -> 56 nodes
+graph 0: 141 nodes -> 44 nodes
 graph(
         view_seq_lens: i32[2],
         input_ids: i64[2, 1],
@@ -113,20 +114,8 @@ graph(
     key_states: f32[2, 1, 2, 16] = getitem_18.view((2, 1, -1, 16))
     value_states: f32[2, 1, 2, 16] = getitem_19.view((2, 1, -1, 16))
     value_states_1: f32[2, 2, 1, 16] = value_states.transpose(1, 2)
-    qk_norm_rope: (f32[2, 4, 1, 16], f32[2, 2, 1, 16]) = cohere_fx.qk_norm_rope(query_states, key_states, cos_2, sin_2, model.model.layers.0.self_attn.q_norm.weight, model.model.layers.0.self_attn.k_norm.weight, 1e-05)
-    qk_norm_rope_k: f32[2, 2, 1, 16] = qk_norm_rope[1]
-    qk_norm_rope_q: f32[2, 4, 1, 16] = qk_norm_rope[0]
-    getitem_8: f32[2, 2, 16] = qk_norm_rope_k[:, :, -1]
-    to_13: f32[2, 2, 16] = getitem_8.to(torch.float32)
-    floordiv: i64[2] = view_write_slots_full_attention // 4
-    mod: i64[2] = view_write_slots_full_attention % 4
-    setitem = setitem(view_k_pools_0, (floordiv, mod), to_13)
-    getitem_9: f32[2, 2, 16] = value_states_1[:, :, -1]
-    to_14: f32[2, 2, 16] = getitem_9.to(torch.float32)
-    floordiv_1: i64[2] = view_write_slots_full_attention // 4
-    mod_1: i64[2] = view_write_slots_full_attention % 4
-    setitem_1 = setitem(view_v_pools_0, (floordiv_1, mod_1), to_14)
-    getitem_16: f32[2, 4, 16] = qk_norm_rope_q[:, :, 0]
+    rope_kv_write: f32[2, 4, 1, 16] = cohere_fx.rope_kv_write(query_states, key_states, value_states_1, cos_2, sin_2, model.model.layers.0.self_attn.q_norm.weight, model.model.layers.0.self_attn.k_norm.weight, 1e-05, view_k_pools_0, view_v_pools_0, view_write_slots_full_attention)
+    getitem_16: f32[2, 4, 16] = rope_kv_write[:, :, 0]
     paged_attention: f32[2, 4, 16] = cohere_fx.paged_attention(getitem_16, view_k_pools_0, view_v_pools_0, view_block_tables_full_attention, view_seq_lens, 0.25, 0)
     unsqueeze_2: f32[2, 4, 1, 16] = paged_attention.unsqueeze(2)
     transpose_6: f32[2, 1, 4, 16] = unsqueeze_2.transpose(1, 2)
@@ -150,6 +139,7 @@ pattern               matches
 qk_norm_rope                1
 rope                        0
 paged_attention             0
+rope_kv_write               0
 causal_attention            1
 sliding_attention           0
 embedding                   1
@@ -239,6 +229,7 @@ pattern               matches
 qk_norm_rope                0
 rope                        3
 paged_attention             0
+rope_kv_write               0
 causal_attention            1
 sliding_attention           3
 embedding                   1

@@ -190,6 +190,20 @@ def _cos_sin_args(cos: torch.Tensor, sin: torch.Tensor):
     return cos, sin, *_cos_sin_strides(cos)
 
 
+def fwd_layout(q, k, q_weight, k_weight):
+    """What a forward launch takes besides the tensors: (has_norm, q_weight, k_weight, BLOCK_HQ, BLOCK_HK, q head
+    blocks, k head blocks); without a norm the weights are q and k, never read."""
+    has_norm = q_weight is not None
+    if has_norm:
+        q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
+    else:
+        q_weight, k_weight = q, k
+    d = q.shape[-1]
+    block_hq, block_hk = _block_heads(q.shape[2], d), _block_heads(k.shape[2], d)
+    return (has_norm, q_weight, k_weight, block_hq, block_hk, triton.cdiv(q.shape[2], block_hq),
+            triton.cdiv(k.shape[2], block_hk))
+
+
 def _launch_fwd(q, k, cos, sin, q_weight, k_weight, eps):
     _check(q, k, cos, sin)
     q, k = _unit_last(q), _unit_last(k)
@@ -199,14 +213,8 @@ def _launch_fwd(q, k, cos, sin, q_weight, k_weight, eps):
     k_out = torch.empty((b, hk, s, d), dtype=q.dtype, device=q.device)
     if b * s == 0:
         return q_out, k_out
-    has_norm = q_weight is not None
-    if has_norm:
-        q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
-    else:
-        q_weight, k_weight = q, k  # never read
-    block_hq, block_hk = _block_heads(h, d), _block_heads(hk, d)
-    q_blocks = triton.cdiv(h, block_hq)
-    grid = (b * s, q_blocks + triton.cdiv(hk, block_hk))
+    has_norm, q_weight, k_weight, block_hq, block_hk, q_blocks, k_blocks = fwd_layout(q, k, q_weight, k_weight)
+    grid = (b * s, q_blocks + k_blocks)
     with on_device(q):
         _qk_norm_rope_fwd_kernel[grid](q, k, cos, sin, q_weight, k_weight, q_out, k_out, s, h, hk,
                                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

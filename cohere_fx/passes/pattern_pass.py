@@ -39,9 +39,13 @@ def _replace(match: Match, replaced: dict) -> None:
         old.replace_all_uses_with(replacement)
         replaced[old] = replacement
     producers = {a for node in match.nodes for a in node.all_input_nodes} - set(match.nodes)
-    for node in sorted(match.nodes, key=_position(graph), reverse=True):
-        if not node.users:
+    # Until none is left without users: the graph is only sorted at the end of the pipeline, so an earlier
+    # replacement may sit after its own getitems, and position order alone would leave it behind.
+    pending = set(match.nodes)
+    while dead := [node for node in pending if not node.users]:
+        for node in dead:
             graph.erase_node(node)
+        pending.difference_update(dead)
     for node in dropped:
         _drop_from_outputs(node)
         _erase_if_dead(graph, node)

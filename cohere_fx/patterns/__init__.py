@@ -10,6 +10,7 @@ from cohere_fx.patterns import paged_attention
 from cohere_fx.patterns import parallel_residual
 from cohere_fx.patterns import qk_norm_rope
 from cohere_fx.patterns import rope
+from cohere_fx.patterns import rope_kv_write
 from cohere_fx.patterns import scaled_cross_entropy
 from cohere_fx.patterns import sliding_attention
 from cohere_fx.patterns import swiglu
@@ -19,6 +20,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     qk_norm_rope.PATTERN,
     rope.PATTERN,
     paged_attention.PATTERN,  # before causal_attention: decode SDPA over a paged cache
+    rope_kv_write.PATTERN,  # decode steps: reads the qk_norm_rope/rope ops and the paged cache's writes
     causal_attention.PATTERN,
     sliding_attention.PATTERN,
     embedding.PATTERN,

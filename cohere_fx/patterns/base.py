@@ -91,6 +91,11 @@ class Pattern:
         literal inputs are constants."""
         matcher = SubgraphMatcher(variant, match_output=False, match_placeholder=False,
                                   remove_overlapping_matches=True, ignore_literals=False)
+        calls = {(n.op, n.target) for n in graph.nodes}
+        if any((anchor.op, anchor.target) not in calls for anchor in matcher.pattern_anchors):
+            # a pattern of several outputs (rope_kv_write's q and two writes) matches only where all are present;
+            # SubgraphMatcher would try the anchors it can place and fail on the others' inputs
+            return []
         found = []
         for internal in matcher.match(graph):
             match = self._to_match(graph, variant, internal)
