@@ -60,6 +60,8 @@ parallel_residual           1
 linear_cross_entropy        0
 scaled_cross_entropy        0
 lora_shared_input           0
+lora_shrink                 0
+lora_expand                 0
 decode_residual             1
 decode_linear               1
 graph 0: 141 nodes -> 44 nodes
@@ -149,6 +151,8 @@ parallel_residual           1
 linear_cross_entropy        0
 scaled_cross_entropy        0
 lora_shared_input           0
+lora_shrink                 0
+lora_expand                 0
 decode_residual             1
 decode_linear               1
 graph 0: 136 nodes -> 51 nodes
@@ -239,6 +243,8 @@ parallel_residual           4
 linear_cross_entropy        0
 scaled_cross_entropy        0
 lora_shared_input           0
+lora_shrink                 0
+lora_expand                 0
 decode_residual             4
 decode_linear               4
 graph 0: 316 nodes -> 135 nodes

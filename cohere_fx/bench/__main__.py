@@ -65,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-inductor", action="store_true", help="options inductor=False (aot_autograd, no codegen)")
     b.add_argument("--passes", help="options passes=[...], comma-separated pattern names")
     b.add_argument("--option", action="append", metavar="KEY=VALUE", help="any other backend option (JSON value)")
+    b.add_argument("--ablate", help="patterns the cohere_fx-ablated system leaves out (comma-separated): "
+                                    "--compare cohere_fx,cohere_fx-ablated times them with and without, in one run")
 
     p = argparse.ArgumentParser(prog="python -m cohere_fx.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,6 +120,10 @@ def _resolve(args):
     args.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")]
     args.systems = parse_systems(args.compare, args.cmd)
+    if "cohere_fx-ablated" in args.systems:
+        from cohere_fx.bench.systems import backend_options
+
+        backend_options(args, "cohere_fx-ablated")  # refuses a missing or unknown --ablate before any work
     if args.cmd == "kernels":
         from cohere_fx.bench.kernels import KERNELS
 

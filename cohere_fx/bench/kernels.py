@@ -22,10 +22,11 @@ from cohere_fx.bench.timing import device_limits, measure
 from cohere_fx.bench.workloads import limit_ms, rates
 
 KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu", "embedding", "parallel_residual",
-           "paged_attention", "decode_linear", "decode_residual")
+           "paged_attention", "decode_linear", "decode_residual", "lora")
 # The backward of parallel_residual is its output gradient, passed on unchanged: no kernel to time.
 # paged_attention, decode_linear and decode_residual are decode ops: no backward.
 FORWARD_ONLY = ("parallel_residual", "paged_attention", "decode_linear", "decode_residual")
+CASE_OPS = {"lora": ("lora_shrink", "lora_expand")}  # cases timing more than the op of their name
 PAGE = 16  # tokens per KV page in the paged_attention case (DecodeRunner's default)
 IGNORE_INDEX = -100
 
@@ -86,6 +87,13 @@ def _case(name, shape: Shape, config, batch, seq, device, dtype):
         weights = [rand(n, shape.hidden) / shape.hidden ** 0.5 for n in sizes]
         return ([rand(batch, 1, shape.hidden), *weights], [],
                 lambda x, *ws: tuple(F.linear(x, w) for w in ws), lambda x, *ws: tuple(ops.decode_linear(x, ws)))
+    if name == "lora":  # a PEFT LoRA gate_proj on a bf16 base (r=16, fp32 adapters, the train bench's alpha = r)
+        low = torch.bfloat16 if dtype == torch.float32 else dtype  # the ops serve low-precision bases only
+        x, base = rand(batch, seq, shape.hidden, dt=low), rand(batch, seq, shape.ffn, dt=low)
+        a, b = rand(16, shape.hidden, dt=torch.float32) / 64, rand(shape.ffn, 16, dt=torch.float32) / 4
+        return ([x, a, b, base], [0, 1, 2, 3],
+                lambda x, a, b, base: (base + F.linear(F.linear(x.to(a.dtype), a), b) * 1.0).to(base.dtype),
+                lambda x, a, b, base: ops.lora_expand(base, ops.lora_shrink(x, a), b, 1.0, False))
     if name == "decode_residual":  # one decode step's layer tail: residual + o_proj(attn) + down_proj(mlp act)
         act, width = ACT2FN[config.hidden_act], shape.heads * shape.head_dim
         wo, wd = rand(shape.hidden, width) / width ** 0.5, rand(shape.hidden, shape.ffn) / shape.ffn ** 0.5
@@ -205,8 +213,9 @@ def _op_available(name):
         import cohere_fx.ops  # noqa: F401 - registers the ops
     except Exception as e:  # noqa: BLE001
         return f"import cohere_fx.ops failed: {type(e).__name__}: {e}"
-    if not hasattr(torch.ops.cohere_fx, name):
-        return f"op cohere_fx::{name} is not registered (not in cohere_fx.ops yet)"
+    for op in CASE_OPS.get(name, (name,)):
+        if not hasattr(torch.ops.cohere_fx, op):
+            return f"op cohere_fx::{op} is not registered (not in cohere_fx.ops yet)"
     return None
 
 

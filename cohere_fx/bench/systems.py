@@ -12,10 +12,13 @@ import torch
 
 from cohere_fx.bench.timing import free_memory
 
-SYSTEMS = ("eager", "inductor", "cohere_fx", "hf-cb")
+SYSTEMS = ("eager", "inductor", "cohere_fx", "cohere_fx-ablated", "hf-cb")
 # HF's own continuous batching (``model.generate_batch``: paged KV cache, ``paged|sdpa`` attention, its CUDA
 # graphs): the stock-HF peer of cohere_fx.runtime.Engine, so a generation workload only.
 DECODE_ONLY = ("hf-cb",)
+# Compiled with backend="cohere_fx". cohere_fx-ablated is cohere_fx without the patterns named by --ablate: what
+# those patterns are worth, measured in the same process as cohere_fx itself.
+BACKEND_SYSTEMS = ("cohere_fx", "cohere_fx-ablated")
 
 
 def parse_systems(text: str, workload: str) -> list:
@@ -29,9 +32,10 @@ def parse_systems(text: str, workload: str) -> list:
     return systems
 
 
-def backend_options(args) -> dict:
+def backend_options(args, system: str = "cohere_fx") -> dict:
     """options= for backend="cohere_fx": --no-inductor, --passes, and any --option KEY=VALUE (VALUE is JSON
-    when it parses as JSON, else a string). Only what was asked for is passed; the backend owns the defaults."""
+    when it parses as JSON, else a string). Only what was asked for is passed; the backend owns the defaults.
+    For cohere_fx-ablated, ``passes`` lacks the --ablate patterns."""
     options = {}
     if args.no_inductor:
         options["inductor"] = False
@@ -45,6 +49,14 @@ def backend_options(args) -> dict:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+    if system == "cohere_fx-ablated":
+        from cohere_fx.patterns import PATTERNS
+
+        ablate = [p.strip() for p in (getattr(args, "ablate", None) or "").split(",") if p.strip()]
+        unknown = sorted(set(ablate) - set(PATTERNS))
+        if not ablate or unknown:
+            raise ValueError(f"cohere_fx-ablated needs --ablate with registered pattern names, got {ablate}")
+        options["passes"] = [p for p in options.get("passes", PATTERNS) if p not in ablate]
     return options
 
 
@@ -53,17 +65,19 @@ def compile_model(model, system: str, options: dict):
         return model
     if system == "inductor":
         return torch.compile(model)
+    assert system in BACKEND_SYSTEMS, system
     return torch.compile(model, backend="cohere_fx", options=options or None)
 
 
 def describe(system: str, options: dict) -> str:
     """How the system was built, as the record states it."""
-    return {"eager": "HF eager (no compile)",
-            "inductor": "torch.compile(model)",
-            "cohere_fx": f"torch.compile(model, backend='cohere_fx', options={options!r})"}[system]
+    if system in BACKEND_SYSTEMS:
+        return f"torch.compile(model, backend='cohere_fx', options={options!r})"
+    return {"eager": "HF eager (no compile)", "inductor": "torch.compile(model)"}[system]
 
 
-def run_systems(systems, bench_one, device: torch.device, label: str, compiled=("inductor", "cohere_fx")) -> dict:
+def run_systems(systems, bench_one, device: torch.device, label: str,
+                compiled=("inductor", *BACKEND_SYSTEMS)) -> dict:
     """{system: bench_one(system)} or {system: {"error": ...}} when it raised. The ``compiled`` systems also get
     the number of graphs Dynamo compiled and of graph breaks (a decode that never reached the backend shows 0)."""
     from torch._dynamo.utils import counters

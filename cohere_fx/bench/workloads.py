@@ -19,7 +19,7 @@ import time
 import torch
 
 from cohere_fx.bench.models import LORA_TARGETS, Shape, build_model, config_for, weight_bytes
-from cohere_fx.bench.systems import backend_options, compile_model, describe, run_systems
+from cohere_fx.bench.systems import BACKEND_SYSTEMS, backend_options, compile_model, describe, run_systems
 from cohere_fx.bench.timing import device_limits, measure
 
 
@@ -78,9 +78,8 @@ def train(args) -> dict:
     x = _token_ids(shape.vocab, args.batch, args.seq, args.device, args.seed)
     flops = shape.train_flops(args.batch, args.seq, full=args.mode == "full")
     limits = device_limits(args.device, args.dtype)
-    options = backend_options(args)
-
     def bench_one(system):
+        options = backend_options(args, system)
         compiled = compile_model(model, system, options)
 
         def step():
@@ -110,9 +109,8 @@ def prefill(args) -> dict:
         kwargs["logits_to_keep"] = args.logits_to_keep
     flops = shape.forward_flops(args.batch, args.seq, args.logits_to_keep)
     limits = device_limits(args.device, args.dtype)
-    options = backend_options(args)
-
     def bench_one(system):
+        options = backend_options(args, system)
         compiled = compile_model(model, system, options)
 
         def forward():
@@ -137,7 +135,7 @@ def _generate_kwargs(system, model, options, args, batch):
 
     if system == "eager":
         return lambda: {}, describe("eager", options) + ", dynamic cache"
-    if system == "cohere_fx" and args.paged:
+    if system in BACKEND_SYSTEMS and args.paged:
         # HF auto-compiles only caches it knows to be static, so the forward is compiled here instead.
         from cohere_fx.runtime import PagedKVCache
 
@@ -240,7 +238,6 @@ def decode(args) -> dict:
     model = build_model(config, args.device, args.dtype, path=args.model, seed=args.seed).eval()
     wbytes = weight_bytes(model)
     limits = device_limits(args.device, args.dtype)
-    options = backend_options(args)
     new, cases = args.new, []
     for batch in args.batch:
         x = _token_ids(shape.vocab, batch, args.prompt, args.device, args.seed)
@@ -252,7 +249,8 @@ def decode(args) -> dict:
                 with torch.no_grad():
                     model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, **extra())
 
-            if system == "cohere_fx" and args.engine:
+            options = backend_options(args, system) if system in BACKEND_SYSTEMS else {}
+            if system in BACKEND_SYSTEMS and args.engine:
                 result, how = _engine_decode(model, options, args, x)
             elif system == "hf-cb":
                 result, how = _hf_continuous_batching(model, args, x)

@@ -104,5 +104,6 @@ def graph_text(gm: torch.fx.GraphModule) -> str:
             lines.append(f"    return {namer.arg(node.args[0])}")
             continue
         kind = _type(node)
-        lines.append(f"    {namer.names[node]}{': ' + kind if kind else ''} = {namer.call(node)}")
+        recomputed = "  # recomputed in backward" if "recompute" in node.meta else ""
+        lines.append(f"    {namer.names[node]}{': ' + kind if kind else ''} = {namer.call(node)}{recomputed}")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
-"""The ordered pipeline: normalise spellings, apply each enabled pattern, restore topological order
-(moving as few nodes as possible, so side-effecting nodes keep their place), verify.
+"""The ordered pipeline: normalise spellings, apply each enabled pattern, mark what the backward should recompute
+(recompute.py), restore topological order (moving as few nodes as possible, so side-effecting nodes keep their
+place), verify.
 
 ``CohereFxPasses`` is an inductor ``CustomGraphPass``: its ``uuid()`` hashes the source of every pass and
 pattern plus the enabled names, so it can be installed in an inductor hook without switching inductor's FX
@@ -17,6 +18,7 @@ from torch._inductor.pattern_matcher import stable_topological_sort
 from cohere_fx.passes.graph_text import graph_text
 from cohere_fx.passes.normalize import normalize_graph
 from cohere_fx.passes.pattern_pass import apply_pattern
+from cohere_fx.passes.recompute import mark_lora_recompute
 from cohere_fx.passes.report import GraphReport
 from cohere_fx.patterns import PATTERNS
 
@@ -97,6 +99,7 @@ class CohereFxPasses(CustomGraphPass):
             counts[r.name] += r.count
             near_misses[r.name] += [why for node, why in r.near_misses if node in alive]
         if any(r.count for r in results):
+            mark_lora_recompute(gm.graph)
             stable_topological_sort(gm.graph)
             gm.graph.lint()
             gm.recompile()

@@ -35,7 +35,8 @@ def _replace(match: Match, replaced: dict) -> None:
             continue
         if fake_value(old) is not None:
             replacement.meta.setdefault("example_value", fake_value(old))
-        replacement.meta.setdefault("stack_trace", old.meta.get("stack_trace"))
+        if old.meta.get("stack_trace"):  # a node a pass made has none; torch joins the strings it finds
+            replacement.meta.setdefault("stack_trace", old.meta["stack_trace"])
         old.replace_all_uses_with(replacement)
         replaced[old] = replacement
     producers = {a for node in match.nodes for a in node.all_input_nodes} - set(match.nodes)

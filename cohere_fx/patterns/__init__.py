@@ -5,7 +5,9 @@ from cohere_fx.patterns import decode_residual
 from cohere_fx.patterns import embedding
 from cohere_fx.patterns import layer_norm
 from cohere_fx.patterns import linear_cross_entropy
+from cohere_fx.patterns import lora_expand
 from cohere_fx.patterns import lora_shared_input
+from cohere_fx.patterns import lora_shrink
 from cohere_fx.patterns import paged_attention
 from cohere_fx.patterns import parallel_residual
 from cohere_fx.patterns import qk_norm_rope
@@ -30,6 +32,8 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     linear_cross_entropy.PATTERN,  # only with options={"return_logits": False}
     scaled_cross_entropy.PATTERN,
     lora_shared_input.PATTERN,
+    lora_shrink.PATTERN,  # after lora_shared_input: also takes its one GEMM over the A matrices
+    lora_expand.PATTERN,
     decode_residual.PATTERN,  # decode steps only: after swiglu and parallel_residual, whose ops it reads
     decode_linear.PATTERN,  # decode steps only (no gradient, <= 16 rows): after the fusions that read linears
 )}

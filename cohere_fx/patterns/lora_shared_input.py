@@ -81,6 +81,10 @@ def replace(match: Match):
     with graph.inserting_before(after.next):  # in order, right after `after`
         weight = graph.create_node("call_function", torch.cat, (weights, 0), name=f"{match.pattern.name}_weight")
         fused = match.call(torch.nn.functional.linear, x, weight, None)
+        # traced values for the patterns that run later (lora_shrink reads the fused GEMM): fake tensors compute
+        # in their own fake mode
+        weight.meta["example_value"] = torch.cat([fake_value(w) for w in weights], 0)
+        fused.meta["example_value"] = torch.nn.functional.linear(fake_value(x), weight.meta["example_value"])
         parts = graph.create_node("call_function", torch.split, (fused, ranks, -1), name=f"{match.pattern.name}_split")
         parts.meta["example_value"] = tuple(fake_value(out) for out in match.outputs)
         return tuple(graph.call_function(operator.getitem, (parts, i)) for i in range(len(ranks)))
