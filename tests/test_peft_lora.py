@@ -21,13 +21,17 @@ def _lora(model, dropout=0.0, **config):
     return get_peft_model(model, config).train()
 
 
-def _assert_counts(lora, plain, fused_groups, split_lookup=False):
+def _assert_counts(lora, plain, fused_groups, split_lookup=False, low_precision_layers=0):
     """Every pattern matches the LoRA model as often as the plain one; ``lora_shared_input`` fuses
     ``fused_groups`` groups there and nothing in the plain model. ``split_lookup``: ``enable_input_require_grads``
     hooks the embedding's output, Dynamo breaks the graph there and the lookup lands in a graph of its own, which
-    holds no Cohere module and is left alone: no ``embedding`` match (the frozen lookup has no gradient to fix)."""
+    holds no Cohere module and is left alone: no ``embedding`` match (the frozen lookup has no gradient to fix).
+    ``low_precision_layers``: layers with a bf16 base and fp32 adapters, where each layer's three LoRA A GEMMs
+    (the fused one, o's, down's) become lora_shrink and its seven updates lora_expand."""
     lora, plain = dict(lora.matches), dict(plain.matches)
     assert (lora.pop(FUSED), plain.pop(FUSED)) == (fused_groups, 0)
+    for name, per_layer in (("lora_shrink", 3), ("lora_expand", 7)):
+        assert (lora.pop(name), plain.pop(name)) == (per_layer * low_precision_layers, 0)
     if split_lookup:
         assert (lora.pop("embedding"), plain.pop("embedding")) == (0, 1)
     assert lora == plain
@@ -119,5 +123,5 @@ def test_qlora_nf4_base_layers(device, tmp_path):
                                               device_map=device)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     model = _lora(model)
-    _assert_counts(cohere_fx.explain(model, ids, labels=ids), expected, LAYERS)
+    _assert_counts(cohere_fx.explain(model, ids, labels=ids), expected, LAYERS, low_precision_layers=LAYERS)
     _assert_grads_match(model, ids, tol=3e-2)
