@@ -11,6 +11,9 @@
 #   bash benchmarks/gpu_suite.sh engine-r7b paged  # Command-R7B (32 layers) engine decode; paged_attention at 4k
 #   bash benchmarks/gpu_suite.sh engine64   # r7b-8L engine decode, 64 sequences at 2k context
 #   bash benchmarks/gpu_suite.sh lora qlora # r7b-8L LoRA / QLoRA r16 step B2xS2048, return_logits=false (qlora: carry .whl)
+#   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without decode_residual + rope_kv_write, one run each
+#                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what the two decode fusions are worth
+#   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
 # BENCH_ARGS (e.g. "--passes layer_norm,rope") is appended to every bench command.
 set -uo pipefail
@@ -73,6 +76,16 @@ for stage in "$@"; do
     qlora)   # bitsandbytes is not on the GPU image: carry its wheel in .whl/ (see BENCHMARKS.md)
              python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl &&
              PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode qlora --option return_logits=false --out "$out" ;;
+    ab-decode) for preset in r7b-8L command-r7b; do
+               python -m cohere_fx.bench decode $BENCH_ARGS --preset $preset --engine --batch 1,16 \
+                 --compare cohere_fx,cohere_fx-ablated --ablate decode_residual,rope_kv_write --out "$out" || break
+             done ;;
+    ab-lora) python -m cohere_fx.bench train $BENCH_ARGS --mode lora --option return_logits=false \
+               --compare cohere_fx,cohere_fx-ablated --ablate lora_shrink,lora_expand --out "$out" ;;
+    ab-qlora) python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl &&
+             PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode qlora \
+               --option return_logits=false --compare cohere_fx,cohere_fx-ablated --ablate lora_shrink,lora_expand \
+               --out "$out" ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
