@@ -50,19 +50,21 @@ def _exact_dot(lhs, rhs, acc, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _shrink_fwd_kernel(X, A, H, M, R, stride_xm, stride_hm, K: tl.constexpr, BLOCK_M: tl.constexpr,
+def _shrink_fwd_kernel(X, A, PART, M, R, stride_xm, K: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr):
-    """h[M, R] = x[M, K] @ A[R, K].T: a program owns BLOCK_M rows and the whole rank."""
+    """PART[s, M, R] = x[M, chunk s of K] @ A[R, chunk s of K].T, summed over s afterwards: a program owns
+    BLOCK_M rows, the whole rank and one chunk of K (4096 tokens are only 64 row blocks: too few programs alone)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    s = tl.program_id(1)
     rr = tl.arange(0, RANK)
-    rk = tl.arange(0, BLOCK_K)
+    rk = s * K_CHUNK + tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, RANK), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, K_CHUNK, BLOCK_K):
         k = k0 + rk
         x = tl.load(X + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
         a_t = tl.load(A + rr[None, :] * K + k[:, None], mask=(rr[None, :] < R) & (k[:, None] < K), other=0.0)
         acc = _exact_dot(x.to(tl.float32), a_t, acc, True, PRECISION)
-    tl.store(H + rm[:, None] * stride_hm + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
+    tl.store(PART + (s * M + rm[:, None]) * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
 @triton.jit
@@ -163,12 +165,13 @@ def lora_shrink_fwd(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x [M, K] (bf16/fp16), A [R, K] fp32 -> x.to(fp32) @ A.T, fp32 [M, R]."""
     (m, k), r = x.shape, a.shape[0]
     rank, block_k, warps = _tiles(r)
-    h = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    parts, chunk = _partitions(triton.cdiv(m, BLOCK_M), k, block_k, x)
+    partial = torch.empty((parts, m, r), dtype=torch.float32, device=x.device)
     with on_device(x):
-        _shrink_fwd_kernel[(triton.cdiv(m, BLOCK_M),)](x, a, h, m, r, x.stride(0), h.stride(0), K=k, BLOCK_M=BLOCK_M,
-                                                        BLOCK_K=block_k, RANK=rank, PRECISION=_precision(x),
-                                                        num_warps=warps)
-    return h
+        _shrink_fwd_kernel[(triton.cdiv(m, BLOCK_M), parts)](
+            x, a, partial, m, r, x.stride(0), K=k, K_CHUNK=chunk, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
+            PRECISION=_precision(x), num_warps=warps)
+    return partial.sum(0)
 
 
 def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
