@@ -17,6 +17,10 @@ import torch
 # Measured values, not spec sheets: the percentage should say how close a run is to what the chip really does.
 DEVICE_LIMITS = {
     "H100 80GB HBM3": (3.0e12, 800e12, "measured on an H100 80GB HBM3: device copy 3.0 TB/s, bf16 GEMM 800 TFLOP/s"),
+    # the device tool's record of this workplace's H200s (KINDS.md, 2026-10-28 and 11-04): 1 GiB-scale device
+    # copies at ~4.3 TB/s (read + write), 8192^3 bf16 GEMMs at 769-798 TFLOP/s on random data
+    "NVIDIA H200": (4.3e12, 788e12, "measured on this workplace's H200s: device copy 4.3 TB/s, bf16 GEMM "
+                                    "788 TFLOP/s"),
 }
 
 
