@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without decode_residual + rope_kv_write, one run each
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what the two decode fusions are worth
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand
+#   bash benchmarks/gpu_suite.sh ab-train   # full fine-tune step with and without tied_embedding_grad
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
 # BENCH_ARGS (e.g. "--passes layer_norm,rope") is appended to every bench command.
 set -uo pipefail
@@ -80,6 +81,8 @@ for stage in "$@"; do
                python -m cohere_fx.bench decode $BENCH_ARGS --preset $preset --engine --batch 1,16 \
                  --compare cohere_fx,cohere_fx-ablated --ablate decode_residual,rope_kv_write --out "$out" || break
              done ;;
+    ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
+               --ablate tied_embedding_grad --out "$out" ;;
     ab-lora) python -m cohere_fx.bench train $BENCH_ARGS --mode lora --option return_logits=false \
                --compare cohere_fx,cohere_fx-ablated --ablate lora_shrink,lora_expand --out "$out" ;;
     ab-qlora) python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl &&

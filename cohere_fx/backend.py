@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from cohere_fx.passes import CohereFxPasses, GraphReport
+from cohere_fx.passes.tied_embedding_grad import NAME as TIED_EMBEDDING_GRAD
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,8 @@ class Options:
     inductor: hand the rewritten graph to inductor (True) or run it through aot_autograd without codegen (False:
         for debugging and fast CPU tests).
     print_graphs: print each Dynamo graph before and after the passes.
-    passes: pattern names to apply (None: all registered).
+    passes: pattern names to apply (None: all registered), and ``tied_embedding_grad``, the post-grad pass that
+        inductor runs on the backward graph.
     inductor_config: extra inductor config patches (a dict), applied to this compile only.
     return_logits: False lets ``linear_cross_entropy`` fuse the head GEMM into the loss when labels are given:
         the logits are never built and the output's ``logits`` is None (training memory). True keeps HF's outputs.
@@ -83,16 +85,23 @@ def _aot_eager(gm: torch.fx.GraphModule, example_inputs):
     return aot_autograd(fw_compiler=run_as_is, bw_compiler=run_as_is)(gm, example_inputs)
 
 
-def _inductor(gm: torch.fx.GraphModule, example_inputs, mode: Optional[str], config: Optional[dict]):
+def _inductor(gm: torch.fx.GraphModule, example_inputs, mode: Optional[str], config: Optional[dict],
+              post_grad: bool):
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     from cohere_fx.ops import register_inductor_fallbacks
+    from cohere_fx.passes.tied_embedding_grad import TiedEmbeddingGradPass
 
     register_inductor_fallbacks()
 
     patches = dict(list_mode_options(mode) if mode else {})
     patches.update(config or {})
+    if post_grad:
+        if patches.get("post_grad_custom_post_pass") is not None:
+            raise ValueError("cohere_fx installs inductor's post_grad_custom_post_pass (tied_embedding_grad): leave "
+                             "it out of inductor_config, or leave tied_embedding_grad out of passes")
+        patches["post_grad_custom_post_pass"] = TiedEmbeddingGradPass()
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
@@ -106,5 +115,6 @@ def cohere_fx(gm: torch.fx.GraphModule, example_inputs, *, options: Optional[dic
     if opts.print_graphs:
         print(f"# cohere_fx: graph before passes\n{report.before}\n# cohere_fx: graph after passes\n{report.after}")
     if opts.inductor:
-        return _inductor(gm, example_inputs, mode, opts.inductor_config)
+        post_grad = opts.passes is None or TIED_EMBEDDING_GRAD in opts.passes
+        return _inductor(gm, example_inputs, mode, opts.inductor_config, post_grad)
     return _aot_eager(gm, example_inputs)

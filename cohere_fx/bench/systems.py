@@ -50,13 +50,13 @@ def backend_options(args, system: str = "cohere_fx") -> dict:
         except json.JSONDecodeError:
             options[key] = value
     if system == "cohere_fx-ablated":
-        from cohere_fx.patterns import PATTERNS
+        from cohere_fx.passes import pass_names
 
         ablate = [p.strip() for p in (getattr(args, "ablate", None) or "").split(",") if p.strip()]
-        unknown = sorted(set(ablate) - set(PATTERNS))
+        unknown = sorted(set(ablate) - set(pass_names()))
         if not ablate or unknown:
             raise ValueError(f"cohere_fx-ablated needs --ablate with registered pattern names, got {ablate}")
-        options["passes"] = [p for p in options.get("passes", PATTERNS) if p not in ablate]
+        options["passes"] = [p for p in options.get("passes", pass_names()) if p not in ablate]
     return options
 
 

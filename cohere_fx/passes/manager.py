@@ -19,6 +19,7 @@ from cohere_fx.passes.graph_text import graph_text
 from cohere_fx.passes.normalize import normalize_graph
 from cohere_fx.passes.pattern_pass import apply_pattern
 from cohere_fx.passes.recompute import mark_lora_recompute
+from cohere_fx.passes.tied_embedding_grad import NAME as TIED_EMBEDDING_GRAD
 from cohere_fx.passes.report import GraphReport
 from cohere_fx.patterns import PATTERNS
 
@@ -71,9 +72,10 @@ def _link_subgraph_inputs(gm: torch.fx.GraphModule) -> None:
 class CohereFxPasses(CustomGraphPass):
     def __init__(self, enabled=None):
         names = list(PATTERNS) if enabled is None else list(enabled)
-        unknown = sorted(set(names) - set(PATTERNS))
+        unknown = sorted(set(names) - set(PATTERNS) - {TIED_EMBEDDING_GRAD})
         if unknown:
-            raise ValueError(f"unknown pattern(s) {unknown}; registered: {list(PATTERNS)}")
+            raise ValueError(f"unknown pattern(s) {unknown}; registered: {list(PATTERNS)} and the post-grad "
+                             f"{TIED_EMBEDDING_GRAD!r}")
         self.enabled = [n for n in PATTERNS if n in names]  # registry order, whatever order was asked
 
     def run(self, gm: torch.fx.GraphModule) -> GraphReport:
