@@ -97,11 +97,8 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs, mode: Optional[str], con
 
     patches = dict(list_mode_options(mode) if mode else {})
     patches.update(config or {})
-    if post_grad:
-        if patches.get("post_grad_custom_post_pass") is not None:
-            raise ValueError("cohere_fx installs inductor's post_grad_custom_post_pass (tied_embedding_grad): leave "
-                             "it out of inductor_config, or leave tied_embedding_grad out of passes")
-        patches["post_grad_custom_post_pass"] = TiedEmbeddingGradPass()
+    if post_grad:  # before any post-grad pass of the user's own, which then sees the rewritten graph
+        patches["post_grad_custom_post_pass"] = TiedEmbeddingGradPass(patches.get("post_grad_custom_post_pass"))
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

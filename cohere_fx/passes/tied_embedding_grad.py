@@ -5,8 +5,8 @@ Why: Cohere ties ``lm_head`` to ``embed_tokens``, so autograd adds two [256 000,
 lookup's, which ``embedding_backward`` builds dense (zeros, then the batch's rows). That is three full passes over
 2 GB tensors (~8 GB moved: ~2.6 ms of an H100 training step) for a sum whose second term has a few thousand
 non-zero rows. The sum of two gradients exists only after autograd, so this is the project's one post-grad pass
-(inductor's ``post_grad_custom_post_pass``), not a pattern on the Dynamo graph; it runs in compiles through inductor
-only and is reported by inductor's generated code, not by ``explain``.
+(inductor's ``post_grad_custom_post_pass``, ahead of any the user gives), not a pattern on the Dynamo graph; it runs
+in compiles through inductor only and is reported by inductor's generated code, not by ``explain``.
 
 When: the add's other term is produced in the backward graph (not a graph input: it may be overwritten) and read by
 nothing else, with the dense gradient's shape and dtype. The values are the dense add's (see the op).
@@ -57,10 +57,20 @@ def fuse_tied_embedding_grads(graph: torch.fx.Graph) -> int:
 
 
 class TiedEmbeddingGradPass(CustomGraphPass):
-    """The inductor hook; ``uuid`` hashes this file, so inductor's FX graph cache stays on."""
+    """The inductor hook, then ``then`` (a post-grad pass the user gave in ``inductor_config``), as torch 2.11 takes
+    one pass per hook. ``uuid`` hashes this file (and ``then``'s uuid), so inductor's FX graph cache stays on; a
+    ``then`` without a uuid makes it None, and inductor bypasses the cache as it would for that pass alone."""
+
+    def __init__(self, then=None):
+        self.then = then
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         fuse_tied_embedding_grads(graph)
+        if self.then is not None:
+            self.then(graph)
 
-    def uuid(self) -> bytes:
-        return hashlib.sha256(Path(__file__).read_bytes()).digest()
+    def uuid(self):
+        then = self.then.uuid() if isinstance(self.then, CustomGraphPass) else None
+        if self.then is not None and not then:
+            return None
+        return hashlib.sha256(Path(__file__).read_bytes() + repr(then).encode()).digest()
