@@ -12,8 +12,7 @@ from typing import Optional
 import torch
 import torch.fx
 
-from cohere_fx.passes import CohereFxPasses, GraphReport
-from cohere_fx.passes.tied_embedding_grad import NAME as TIED_EMBEDDING_GRAD
+from cohere_fx.passes import TIED_EMBEDDING_GRAD, CohereFxPasses, GraphReport
 
 
 @dataclass(frozen=True)

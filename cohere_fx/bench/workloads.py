@@ -78,6 +78,7 @@ def train(args) -> dict:
     x = _token_ids(shape.vocab, args.batch, args.seq, args.device, args.seed)
     flops = shape.train_flops(args.batch, args.seq, full=args.mode == "full")
     limits = device_limits(args.device, args.dtype)
+
     def bench_one(system):
         options = backend_options(args, system)
         compiled = compile_model(model, system, options)
@@ -109,6 +110,7 @@ def prefill(args) -> dict:
         kwargs["logits_to_keep"] = args.logits_to_keep
     flops = shape.forward_flops(args.batch, args.seq, args.logits_to_keep)
     limits = device_limits(args.device, args.dtype)
+
     def bench_one(system):
         options = backend_options(args, system)
         compiled = compile_model(model, system, options)

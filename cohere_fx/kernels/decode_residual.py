@@ -94,7 +94,8 @@ CONFIG = (32, 256, 2048, 4, 4)
 
 def decode_residual_fwd(residual, attn, o_weight, gate, up, down_weight, config=None):
     """residual [M, N] + attn [M, KA] @ o_weight[N, KA].T + swiglu(gate, up) [M, KF] @ down_weight[N, KF].T, in the
-    inputs' dtype; M <= MAX_ROWS, unit last strides, row-major weights."""
+    inputs' dtype; M <= MAX_ROWS, unit last strides, row-major weights. The counters are zeroed per call (a memset
+    of N / BLOCK_N ints, one more node in a captured step): kept counters would be state shared by every caller."""
     m, n = residual.shape
     ka, kf = attn.shape[1], gate.shape[1]
     shapes_ok = (attn.shape == (m, ka) and gate.shape == up.shape == (m, kf) and o_weight.shape == (n, ka)

@@ -4,7 +4,8 @@ the new token, as one op that mutates the pools.
 Why an op: the write was two ``index_put`` kernels per layer after the RoPE kernel; the kernel
 (kernels/rope_kv_write.py) stores k and v into their page from the RoPE launch itself. The op declares the pools
 as mutated, so aot_autograd functionalizes it and inductor re-inplaces it on the pools, as it did the
-``index_put`` (tests/test_rope_kv_write.py checks that no copy of a pool is made). Inference only: no autograd.
+``index_put`` (tests/test_decode_runner.py checks that no copy of a pool is made). Without inductor
+(``inductor=False``, a debugging path) the functionalized op copies each pool it writes. Inference only.
 
 Values: q as ``qk_norm_rope``/``rope`` returns it; the pools receive what the unfused graph stored, the rotated
 k and the given v at position -1, at flat rows ``slots`` (``page * block_size + offset``).

@@ -1,15 +1,6 @@
 """The pass pipeline the backend runs on every Dynamo graph (see manager.py)."""
-from cohere_fx.passes.manager import CohereFxPasses
+from cohere_fx.passes.manager import CohereFxPasses, pass_names
 from cohere_fx.passes.report import GraphReport, Report
 from cohere_fx.passes.tied_embedding_grad import NAME as TIED_EMBEDDING_GRAD
-
-
-def pass_names() -> list[str]:
-    """Every name ``options={"passes": [...]}`` takes: the Dynamo-graph patterns in pipeline order, then the
-    post-grad pass."""
-    from cohere_fx.patterns import PATTERNS
-
-    return [*PATTERNS, TIED_EMBEDDING_GRAD]
-
 
 __all__ = ["CohereFxPasses", "GraphReport", "Report", "TIED_EMBEDDING_GRAD", "pass_names"]

@@ -19,8 +19,8 @@ from cohere_fx.passes.graph_text import graph_text
 from cohere_fx.passes.normalize import normalize_graph
 from cohere_fx.passes.pattern_pass import apply_pattern
 from cohere_fx.passes.recompute import mark_lora_recompute
-from cohere_fx.passes.tied_embedding_grad import NAME as TIED_EMBEDDING_GRAD
 from cohere_fx.passes.report import GraphReport
+from cohere_fx.passes.tied_embedding_grad import NAME as TIED_EMBEDDING_GRAD
 from cohere_fx.patterns import PATTERNS
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -69,13 +69,18 @@ def _link_subgraph_inputs(gm: torch.fx.GraphModule) -> None:
                 placeholder.meta["cohere_fx_outer"] = operand
 
 
+def pass_names() -> list[str]:
+    """Every name ``options={"passes": [...]}`` takes: the Dynamo-graph patterns in pipeline order, then the
+    post-grad pass (tied_embedding_grad.py), which the backend installs in inductor."""
+    return [*PATTERNS, TIED_EMBEDDING_GRAD]
+
+
 class CohereFxPasses(CustomGraphPass):
     def __init__(self, enabled=None):
         names = list(PATTERNS) if enabled is None else list(enabled)
-        unknown = sorted(set(names) - set(PATTERNS) - {TIED_EMBEDDING_GRAD})
+        unknown = sorted(set(names) - set(pass_names()))
         if unknown:
-            raise ValueError(f"unknown pattern(s) {unknown}; registered: {list(PATTERNS)} and the post-grad "
-                             f"{TIED_EMBEDDING_GRAD!r}")
+            raise ValueError(f"unknown pattern(s) {unknown}; registered: {pass_names()}")
         self.enabled = [n for n in PATTERNS if n in names]  # registry order, whatever order was asked
 
     def run(self, gm: torch.fx.GraphModule) -> GraphReport:

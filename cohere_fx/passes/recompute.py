@@ -29,13 +29,10 @@ def _cheap(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and str(node.target) in _OPS
 
 
-def mark_lora_recompute(graph: torch.fx.Graph) -> int:
-    """Marks the cheap producers of every lora_shrink input; returns how many nodes it marked."""
-    marked = 0
+def mark_lora_recompute(graph: torch.fx.Graph) -> None:
+    """Marks the cheap producers of every lora_shrink input."""
     for shrink in graph.find_nodes(op="call_function", target=torch.ops.cohere_fx.lora_shrink.default):
         node = shrink.args[0]
         while isinstance(node, torch.fx.Node) and _cheap(node) and "recompute" not in node.meta:
             node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-            marked += 1
             node = node.args[0]
-    return marked

@@ -14,10 +14,9 @@ has at most 16 rows.
 import torch
 import torch.nn.functional as F
 
+from cohere_fx.kernels.elementwise import DTYPES
 from cohere_fx.patterns.base import Match, Pattern, known_equal
 from cohere_fx.patterns.decode_linear import in_decode_step
-
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def search(residual, attn, o_weight, gate, up, down_weight):

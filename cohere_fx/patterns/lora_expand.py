@@ -11,6 +11,8 @@ Checks: the base and the cast are one low-precision dtype, h and B are fp32, B i
 ``scaling`` (lora_alpha / r) is read from the graph. A layer with several active adapters adds several updates
 before its one cast and does not match (each update would need its own rounding point).
 """
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +49,7 @@ def check(match: Match):
 
 
 def replace(match: Match):
-    round_update = match.outputs[0].op == "call_function"  # the Linear4bit spelling ends in the add
+    round_update = match.outputs[0].target is operator.add  # Linear4bit's spelling ends in the add, Linear's in .to
     return match.call(torch.ops.cohere_fx.lora_expand.default, match["base"], match["h"], match["weight"],
                       float(match["scaling"]), round_update)
 
