@@ -2,8 +2,9 @@
 ``residual + attn @ Wo.T + (silu(gate) * up) @ Wd.T``.
 
 Why: after decode_linear, a decode layer still ends in o_proj (cuBLAS split-K + its reduction kernel), swiglu,
-down_proj (split-K + reduction) and parallel_residual: up to six launches whose gaps (~2.3 us each inside an H100
-CUDA graph, from the Command-R7B decode profile) cost more than the elementwise work itself. Both projections
+down_proj (split-K + reduction) and parallel_residual: up to six launches whose gaps (the recorded H100 profile of
+Command-R7B decode, benchmarks/results/decode-command-r7b-20261125T174147Z.json, has the GPU idle 12 % of the
+wall time inside CUDA graphs: ~2.3 us per kernel) cost more than the elementwise work itself. Both projections
 stream a weight of N = hidden rows, so they share one grid: each program owns BLOCK_N output features and one
 CHUNK of K, of o_proj's K (the attention width) or of down_proj's (the MLP width), so there are enough programs
 to fill the GPU (down_proj alone has only hidden / BLOCK_N of them without splitting K). SwiGLU is computed on

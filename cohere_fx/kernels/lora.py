@@ -2,11 +2,13 @@
 (``h = x.to(fp32) @ A.T``) and ``lora_expand`` (``out = round(base + (h @ B.T) * scaling)``), forward and backward.
 
 Why: PEFT keeps the adapters in fp32 over a bf16 model (``autocast_adapter_dtype``), so each LoRA'd linear casts its
-input to an fp32 copy (which autograd then keeps for A's gradient: 2.75 GiB at r7b-8L B2 x S2048), runs its A and
-B GEMMs in fp32 on CUDA cores, writes B's output as an fp32 [tokens, out] tensor, scales it, adds the bf16 base
-output in fp32 and rounds; the backward casts the output gradient to an fp32 copy before two fp32 GEMMs. On the
-H100 profile of the r7b-8L LoRA step those fp32 GEMMs took ~17 ms of the 105 ms. Here every pass reads the bf16
-activation or gradient once and writes its result once; nothing [tokens, features]-sized is fp32.
+input to an fp32 copy (which autograd then keeps for A's gradient: three activations per layer, the [tokens,
+14336] SwiGLU output among them), runs its A and B GEMMs in fp32 on CUDA cores, writes B's output as an fp32
+[tokens, out] tensor, scales it, adds the bf16 base output in fp32 and rounds; the backward casts the output
+gradient to an fp32 copy before two fp32 GEMMs. In the recorded H100 profile of the r7b-8L LoRA step
+(benchmarks/results/train-lora-r7b-8L-20261125T174433Z.json) the rank-16/80 GEMMs took ~17 ms of the 103 ms.
+Here every pass reads the bf16 activation or gradient once and writes its result once; nothing [tokens,
+features]-sized is fp32.
 
 Exactness: the same fp32 products as PEFT's GEMMs, accumulated in fp32 in another order.
 - An fp32 x bf16 product (``x @ A.T`` forward, ``dh.T @ x`` for A's gradient) runs on the tensor cores: the fp32

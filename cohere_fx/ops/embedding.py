@@ -53,7 +53,7 @@ def embedding_backward_add_(out: Tensor, grad: Tensor, ids: Tensor, padding_idx:
     """``out += embedding_backward(grad, ids, out.shape[0], padding_idx)`` touching only the looked-up rows.
 
     Why: a tied embedding's gradient is the head's [V, H] gradient plus the lookup's, which autograd builds dense
-    (zeros, scatter) and adds (three [V, H] passes, ~8 GB at Cohere's vocabulary: ~2.6 ms on an H100) although
+    (zeros, scatter) and adds (three [V, H] passes, ~8 GB at Cohere's vocabulary) although
     only the batch's tokens have rows. The ``tied_embedding_grad`` post-grad pass calls this instead.
 
     Values: each distinct token's rows are summed in fp32 and rounded once to the weight's dtype (ATen's

@@ -2,11 +2,10 @@
 
 Why: with frozen base weights the backward needs a LoRA'd linear's input for one thing only, A's gradient
 (``lora_shrink`` saves it). Three such inputs per Cohere layer are one cheap pass away from tensors the backward
-keeps anyway: the SwiGLU output (from gate and up, which its own backward keeps; [tokens, 14336] at r7b, 0.875 GiB
-over the 8 layers of r7b-8L at B2 x S2048), the input norm's output (from its input, which the norm's backward
-keeps) and the attention output laid out for o_proj (a transpose + copy of what SDPA's backward keeps). Measured on
-the CPU with the partitioner inductor uses (fake weights, real shapes): 2.2 GiB of saved tensors fewer with the
-LoRA ops, of which 1.1 GiB comes from this pass.
+keeps anyway: the SwiGLU output (from gate and up, which its own backward keeps; [tokens, 14336] bf16 per layer),
+the input norm's output (from its input, which the norm's backward keeps) and the attention output laid out for
+o_proj (a transpose + copy of what SDPA's backward keeps). tests/test_lora_ops.py checks with the partitioner
+inductor uses that the forward then keeps no SwiGLU output.
 
 How: the chain of cheap nodes that produces a ``lora_shrink`` input (cohere_fx's swiglu and layer_norm, views,
 copies) is marked ``PREFER_RECOMPUTE``, the tag torch's selective activation checkpointing sets, which

@@ -3,7 +3,7 @@ into the head's gradient in place (cohere_fx.embedding_backward_add_).
 
 Why: Cohere ties ``lm_head`` to ``embed_tokens``, so autograd adds two [256 000, 4096] gradients: the head's and the
 lookup's, which ``embedding_backward`` builds dense (zeros, then the batch's rows). That is three full passes over
-2 GB tensors (~8 GB moved: ~2.6 ms of an H100 training step) for a sum whose second term has a few thousand
+2 GB tensors (~8 GB moved per step) for a sum whose second term has a few thousand
 non-zero rows. The sum of two gradients exists only after autograd, so this is the project's one post-grad pass
 (inductor's ``post_grad_custom_post_pass``, ahead of any the user gives), not a pattern on the Dynamo graph; it runs
 in compiles through inductor only and is reported by inductor's generated code, not by ``explain``.
