@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_suite.sh tests      # GPU-marked tests + kernel tests compiled on CUDA
 #   bash benchmarks/gpu_suite.sh kernels    # every op vs HF eager math vs inductor (r7b-8L shapes)
 #   bash benchmarks/gpu_suite.sh sweep      # launch-config sweeps: qk_norm_rope, paged_attention, decode_linear
-#   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernels' sweeps alone: decode_linear, decode_residual
+#   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernel's sweep alone: decode_linear
 #   bash benchmarks/gpu_suite.sh prefill    # r7b-8L prefill B4xS2048: eager, inductor, cohere_fx
 #   bash benchmarks/gpu_suite.sh train      # r7b-8L full fine-tune step B2xS2048, with logits and return_logits=false
 #   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new (decode64: batch 64)
@@ -11,8 +11,8 @@
 #   bash benchmarks/gpu_suite.sh engine-r7b paged  # Command-R7B (32 layers) engine decode; paged_attention at 4k
 #   bash benchmarks/gpu_suite.sh engine64   # r7b-8L engine decode, 64 sequences at 2k context
 #   bash benchmarks/gpu_suite.sh lora qlora # r7b-8L LoRA / QLoRA r16 step B2xS2048, return_logits=false (qlora: carry .whl)
-#   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without decode_residual + rope_kv_write, one run each
-#                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what the two decode fusions are worth
+#   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without rope_kv_write, one run each
+#                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand
 #   bash benchmarks/gpu_suite.sh ab-train   # full fine-tune step with and without tied_embedding_grad
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
@@ -36,8 +36,7 @@ print("torch", torch.__version__, "triton", triton.__version__, "transformers", 
 PY
 BENCH_ARGS="${BENCH_ARGS:-}"
 sweep_decode() {
-  python benchmarks/sweep_decode_linear.py --out "$out" &&
-    python benchmarks/sweep_decode_residual.py | tee "$out/sweep-decode_residual.txt"
+  python benchmarks/sweep_decode_linear.py --out "$out"
 }
 status=0
 for stage in "$@"; do
@@ -46,7 +45,7 @@ for stage in "$@"; do
     tests)   python -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_layer_norm_kernel.py tests/test_qk_norm_rope.py \
                tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py tests/test_swiglu.py \
                tests/test_parallel_residual.py tests/test_decode_runner.py tests/test_peft_lora.py tests/test_embedding.py tests/test_engine.py \
-               tests/test_decode_linear.py tests/test_decode_residual.py tests/test_rope_kv_write.py tests/test_lora_ops.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
+               tests/test_decode_linear.py tests/test_rope_kv_write.py tests/test_lora_ops.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
     kernels) python -m cohere_fx.bench kernels $BENCH_ARGS --out "$out" &&
              # LayerNorm at hidden 8192 ([8192, 8192]: Command R / R+ widths)
              python -m cohere_fx.bench kernels $BENCH_ARGS --preset command-r --layers 1 --kernels layer_norm --out "$out" ;;
@@ -79,7 +78,7 @@ for stage in "$@"; do
              PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode qlora --option return_logits=false --out "$out" ;;
     ab-decode) for preset in r7b-8L command-r7b; do
                python -m cohere_fx.bench decode $BENCH_ARGS --preset $preset --engine --batch 1,16 \
-                 --compare cohere_fx,cohere_fx-ablated --ablate decode_residual,rope_kv_write --out "$out" || break
+                 --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write --out "$out" || break
              done ;;
     ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
                --ablate tied_embedding_grad --out "$out" ;;

@@ -63,7 +63,7 @@ def test_workload_numbers(results):
     names = [c["name"] for c in kernels["cases"]]
     assert names == [f"{k} {d}" for k in ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu",
                                           "embedding") for d in ("fwd", "fwd+bwd")] + [
-        "parallel_residual fwd", "paged_attention fwd", "decode_linear fwd", "decode_residual fwd", "lora fwd",
+        "parallel_residual fwd", "paged_attention fwd", "decode_linear fwd", "lora fwd",
         "lora fwd+bwd"]
     for case in kernels["cases"]:
         fx = case["results"]["cohere_fx"]
@@ -155,13 +155,13 @@ def test_ablated_system_leaves_out_the_named_patterns(tmp_path):
     """cohere_fx-ablated runs in the same process as cohere_fx with --ablate's patterns left out of its passes (the
     engine decode here): what those patterns are worth, measured side by side."""
     assert main(["decode", "--smoke", "--engine", "--compare", "cohere_fx,cohere_fx-ablated", "--ablate",
-                 "decode_residual,rope_kv_write", "--no-inductor", "--out", str(tmp_path)]) == 0
+                 "decode_linear,rope_kv_write", "--no-inductor", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*.json")
     results = json.loads(path.read_text())["cases"][0]["results"]
     assert "error" not in results["cohere_fx"] and "error" not in results["cohere_fx-ablated"]
     assert "'passes'" not in results["cohere_fx"]["how"]
     ablated = results["cohere_fx-ablated"]["how"]
-    assert "'decode_linear'" in ablated and "decode_residual" not in ablated and "rope_kv_write" not in ablated
+    assert "'paged_attention'" in ablated and "decode_linear" not in ablated and "rope_kv_write" not in ablated
     with pytest.raises(ValueError, match="--ablate"):
         main(["train", "--smoke", "--compare", "cohere_fx-ablated", "--ablate", "no_such_pattern", "--out",
               str(tmp_path)])

@@ -62,9 +62,8 @@ scaled_cross_entropy        0
 lora_shared_input           0
 lora_shrink                 0
 lora_expand                 0
-decode_residual             1
 decode_linear               1
-graph 0: 141 nodes -> 44 nodes
+graph 0: 141 nodes -> 47 nodes
 graph(
         view_seq_lens: i32[2],
         input_ids: i64[2, 1],
@@ -124,8 +123,11 @@ graph(
     attn_output_1: f32[2, 1, 4, 16] = transpose_6.contiguous()
     reshape_2: f32[2, 1, 64] = attn_output_1.reshape(2, 1, -1)
     attn_output_2: f32[2, 1, 64] = reshape_2.contiguous()
-    decode_residual: f32[2, 1, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.model.layers.0.self_attn.o_proj.weight, getitem_20, getitem_21, model.model.layers.0.mlp.down_proj.weight)
-    layer_norm_1: f32[2, 1, 64] = cohere_fx.layer_norm(decode_residual, model.model.norm.weight, 1e-05)
+    attn_output_3: f32[2, 1, 64] = torch.nn.functional.linear(attn_output_2, model.model.layers.0.self_attn.o_proj.weight, None)
+    swiglu: f32[2, 1, 256] = cohere_fx.swiglu(getitem_20, getitem_21)
+    down_proj: f32[2, 1, 64] = torch.nn.functional.linear(swiglu, model.model.layers.0.mlp.down_proj.weight, None)
+    parallel_residual: f32[2, 1, 64] = cohere_fx.parallel_residual(embedding_1, attn_output_3, down_proj)
+    layer_norm_1: f32[2, 1, 64] = cohere_fx.layer_norm(parallel_residual, model.model.norm.weight, 1e-05)
     getitem_14: f32[2, 1, 64] = layer_norm_1[:, 0:, :]
     logits: f32[2, 1, 128] = torch.nn.functional.linear(getitem_14, model.model.embed_tokens.weight, None)
     logits_1: f32[2, 1, 128] = logits * 0.25
@@ -153,9 +155,8 @@ scaled_cross_entropy        0
 lora_shared_input           0
 lora_shrink                 0
 lora_expand                 0
-decode_residual             1
 decode_linear               1
-graph 0: 136 nodes -> 51 nodes
+graph 0: 136 nodes -> 54 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -218,8 +219,11 @@ graph(
     attn_output_1: f32[2, 8, 4, 16] = transpose_4.contiguous()
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
-    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, getitem_16, getitem_17, model.layers.0.mlp.down_proj.weight)
-    layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual, model.norm.weight, 1e-05)
+    attn_output_3: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_2, model.layers.0.self_attn.o_proj.weight, None)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(getitem_16, getitem_17)
+    down_proj: f32[2, 8, 64] = torch.nn.functional.linear(swiglu, model.layers.0.mlp.down_proj.weight, None)
+    parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(embedding_1, attn_output_3, down_proj)
+    layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual, model.norm.weight, 1e-05)
     getitem_12: f32[2, 8, 64] = layer_norm_1[:, 0:, :]
     logits: f32[2, 8, 128] = torch.nn.functional.linear(getitem_12, model.embed_tokens.weight, None)
     logits_1: f32[2, 8, 128] = logits * 0.25
@@ -245,9 +249,8 @@ scaled_cross_entropy        0
 lora_shared_input           0
 lora_shrink                 0
 lora_expand                 0
-decode_residual             4
 decode_linear               4
-graph 0: 316 nodes -> 135 nodes
+graph 0: 316 nodes -> 147 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -339,8 +342,11 @@ graph(
     attn_output_1: f32[2, 8, 4, 16] = transpose_4.contiguous()
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
-    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, getitem_40, getitem_41, model.layers.0.mlp.down_proj.weight)
-    layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual, model.layers.1.input_layernorm.weight, 1e-05)
+    attn_output_3: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_2, model.layers.0.self_attn.o_proj.weight, None)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(getitem_40, getitem_41)
+    down_proj: f32[2, 8, 64] = torch.nn.functional.linear(swiglu, model.layers.0.mlp.down_proj.weight, None)
+    parallel_residual: f32[2, 8, 64] = cohere_fx.parallel_residual(embedding_1, attn_output_3, down_proj)
+    layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual, model.layers.1.input_layernorm.weight, 1e-05)
     decode_linear_1: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_1, [model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight, model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight])
     getitem_42: f32[2, 8, 64] = decode_linear_1[0]
     getitem_43: f32[2, 8, 32] = decode_linear_1[1]
@@ -366,8 +372,11 @@ graph(
     attn_output_5: f32[2, 8, 4, 16] = transpose_8.contiguous()
     reshape_5: f32[2, 8, 64] = attn_output_5.reshape(2, 8, -1)
     attn_output_6: f32[2, 8, 64] = reshape_5.contiguous()
-    decode_residual_1: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual, attn_output_6, model.layers.1.self_attn.o_proj.weight, getitem_45, getitem_46, model.layers.1.mlp.down_proj.weight)
-    layer_norm_2: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual_1, model.layers.2.input_layernorm.weight, 1e-05)
+    attn_output_7: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_6, model.layers.1.self_attn.o_proj.weight, None)
+    swiglu_1: f32[2, 8, 256] = cohere_fx.swiglu(getitem_45, getitem_46)
+    down_proj_1: f32[2, 8, 64] = torch.nn.functional.linear(swiglu_1, model.layers.1.mlp.down_proj.weight, None)
+    parallel_residual_1: f32[2, 8, 64] = cohere_fx.parallel_residual(parallel_residual, attn_output_7, down_proj_1)
+    layer_norm_2: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual_1, model.layers.2.input_layernorm.weight, 1e-05)
     decode_linear_2: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_2, [model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight, model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight])
     getitem_47: f32[2, 8, 64] = decode_linear_2[0]
     getitem_48: f32[2, 8, 32] = decode_linear_2[1]
@@ -393,8 +402,11 @@ graph(
     attn_output_9: f32[2, 8, 4, 16] = transpose_12.contiguous()
     reshape_8: f32[2, 8, 64] = attn_output_9.reshape(2, 8, -1)
     attn_output_10: f32[2, 8, 64] = reshape_8.contiguous()
-    decode_residual_2: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_1, attn_output_10, model.layers.2.self_attn.o_proj.weight, getitem_50, getitem_51, model.layers.2.mlp.down_proj.weight)
-    layer_norm_3: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual_2, model.layers.3.input_layernorm.weight, 1e-05)
+    attn_output_11: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_10, model.layers.2.self_attn.o_proj.weight, None)
+    swiglu_2: f32[2, 8, 256] = cohere_fx.swiglu(getitem_50, getitem_51)
+    down_proj_2: f32[2, 8, 64] = torch.nn.functional.linear(swiglu_2, model.layers.2.mlp.down_proj.weight, None)
+    parallel_residual_2: f32[2, 8, 64] = cohere_fx.parallel_residual(parallel_residual_1, attn_output_11, down_proj_2)
+    layer_norm_3: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual_2, model.layers.3.input_layernorm.weight, 1e-05)
     decode_linear_3: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_3, [model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight, model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight])
     getitem_52: f32[2, 8, 64] = decode_linear_3[0]
     getitem_53: f32[2, 8, 32] = decode_linear_3[1]
@@ -416,8 +428,11 @@ graph(
     attn_output_13: f32[2, 8, 4, 16] = transpose_16.contiguous()
     reshape_11: f32[2, 8, 64] = attn_output_13.reshape(2, 8, -1)
     attn_output_14: f32[2, 8, 64] = reshape_11.contiguous()
-    decode_residual_3: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_2, attn_output_14, model.layers.3.self_attn.o_proj.weight, getitem_55, getitem_56, model.layers.3.mlp.down_proj.weight)
-    layer_norm_4: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual_3, model.norm.weight, 1e-05)
+    attn_output_15: f32[2, 8, 64] = torch.nn.functional.linear(attn_output_14, model.layers.3.self_attn.o_proj.weight, None)
+    swiglu_3: f32[2, 8, 256] = cohere_fx.swiglu(getitem_55, getitem_56)
+    down_proj_3: f32[2, 8, 64] = torch.nn.functional.linear(swiglu_3, model.layers.3.mlp.down_proj.weight, None)
+    parallel_residual_3: f32[2, 8, 64] = cohere_fx.parallel_residual(parallel_residual_2, attn_output_15, down_proj_3)
+    layer_norm_4: f32[2, 8, 64] = cohere_fx.layer_norm(parallel_residual_3, model.norm.weight, 1e-05)
     getitem_36: f32[2, 8, 64] = layer_norm_4[:, 0:, :]
     logits: f32[2, 8, 128] = torch.nn.functional.linear(getitem_36, model.embed_tokens.weight, None)
     logits_1: f32[2, 8, 128] = logits * 0.25

@@ -22,10 +22,10 @@ from cohere_fx.bench.timing import device_limits, measure
 from cohere_fx.bench.workloads import limit_ms, rates
 
 KERNELS = ("layer_norm", "qk_norm_rope", "rope", "scaled_cross_entropy", "swiglu", "embedding", "parallel_residual",
-           "paged_attention", "decode_linear", "decode_residual", "lora")
+           "paged_attention", "decode_linear", "lora")
 # The backward of parallel_residual is its output gradient, passed on unchanged: no kernel to time.
-# paged_attention, decode_linear and decode_residual are decode ops: no backward.
-FORWARD_ONLY = ("parallel_residual", "paged_attention", "decode_linear", "decode_residual")
+# paged_attention and decode_linear are decode ops: no backward.
+FORWARD_ONLY = ("parallel_residual", "paged_attention", "decode_linear")
 CASE_OPS = {"lora": ("lora_shrink", "lora_expand")}  # cases timing more than the op of their name
 PAGE = 16  # tokens per KV page in the paged_attention case (DecodeRunner's default)
 IGNORE_INDEX = -100
@@ -94,13 +94,6 @@ def _case(name, shape: Shape, config, batch, seq, device, dtype):
         return ([x, a, b, base], [0, 1, 2, 3],
                 lambda x, a, b, base: (base + F.linear(F.linear(x.to(a.dtype), a), b) * 1.0).to(base.dtype),
                 lambda x, a, b, base: ops.lora_expand(base, ops.lora_shrink(x, a), b, 1.0, False))
-    if name == "decode_residual":  # one decode step's layer tail: residual + o_proj(attn) + down_proj(mlp act)
-        act, width = ACT2FN[config.hidden_act], shape.heads * shape.head_dim
-        wo, wd = rand(shape.hidden, width) / width ** 0.5, rand(shape.hidden, shape.ffn) / shape.ffn ** 0.5
-        return ([rand(batch, 1, shape.hidden), rand(batch, 1, width), wo, rand(batch, 1, shape.ffn),
-                 rand(batch, 1, shape.ffn), wd],
-                [], lambda r, a, wo, g, u, wd: r + F.linear(a, wo) + F.linear(act(g) * u, wd),
-                lambda *args: ops.decode_residual(*args))
     # q, k as q_proj/k_proj(h).view(B, S, heads, D): the tensors the HF graph hands to q_norm (or transposes).
     q, k = rand(batch, seq, shape.heads, shape.head_dim), rand(batch, seq, shape.kv_heads, shape.head_dim)
     positions = torch.arange(seq, device=device)[None].expand(batch, seq)

@@ -1,7 +1,6 @@
 """The registry of fusions, in the order the pipeline applies them. One file per fusion."""
 from cohere_fx.patterns import causal_attention
 from cohere_fx.patterns import decode_linear
-from cohere_fx.patterns import decode_residual
 from cohere_fx.patterns import embedding
 from cohere_fx.patterns import layer_norm
 from cohere_fx.patterns import linear_cross_entropy
@@ -34,7 +33,6 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     lora_shared_input.PATTERN,
     lora_shrink.PATTERN,  # after lora_shared_input: also takes its one GEMM over the A matrices
     lora_expand.PATTERN,
-    decode_residual.PATTERN,  # decode steps only: after swiglu and parallel_residual, whose ops it reads
     decode_linear.PATTERN,  # decode steps only (no gradient, <= 16 rows): after the fusions that read linears
 )}
 

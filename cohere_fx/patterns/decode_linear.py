@@ -4,8 +4,8 @@ Why: a decode step's linear layers are matrix-vector products bound by streaming
 parallel block q, k, v, gate and up all read the one LayerNorm output: cuBLAS runs them as five launches, three
 of them split-K with a reduction kernel each; the op streams all five in one launch (H100, Command-R7B shapes:
 gate+up at 2.84 TB/s vs cuBLAS's 2.71). The head (256 000 rows) alone is also faster through the op (3.06 vs
-2.88 TB/s); o and down alone were faster on cuBLAS (benchmarks/results/decode_linear-sweep-20261125T175814.json)
-and are taken by the ``decode_residual`` pattern (which runs first) with the layer's residual sum.
+2.88 TB/s); other single linears (o, down) are left to cuBLAS, which was faster there
+(benchmarks/results/decode_linear-sweep-20261125T175814.json).
 
 When it applies: the graph computes no gradient (neither the linear's traced output nor any graph output
 requires grad: a decode step under ``torch.no_grad``), the input has at most 16 rows (decode batches; prefill keeps cuBLAS GEMMs),
@@ -43,17 +43,11 @@ def _computes_gradients(graph: torch.fx.Graph) -> bool:
     return any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
 
 
-def in_decode_step(match: Match, x_name: str) -> bool:
-    """Whether a match computes no gradient (nor does its graph) on at most MAX_ROWS rows of input ``x_name``:
-    a decode step, where the decode ops apply."""
-    out, rows = fake_value(match.outputs[0]), _rows(match.val(x_name))
-    return (isinstance(out, torch.Tensor) and not out.requires_grad and rows is not None and rows <= MAX_ROWS
-            and not _computes_gradients(match.graph))
-
-
 def _decode_member(match: Match) -> bool:
     """An inference linear on a decode step's few rows."""
-    return in_decode_step(match, "x")
+    out, rows = fake_value(match.outputs[0]), _rows(match.val("x"))
+    return (isinstance(out, torch.Tensor) and not out.requires_grad and rows is not None and rows <= MAX_ROWS
+            and not _computes_gradients(match.graph))
 
 
 def _min_group(match: Match) -> int:
