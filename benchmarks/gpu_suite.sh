@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_suite.sh engine     # the same through cohere_fx.runtime.Engine (paged, CUDA graphs), B1 and B16
 #   bash benchmarks/gpu_suite.sh engine-r7b paged  # Command-R7B (32 layers) engine decode; paged_attention at 4k
 #   bash benchmarks/gpu_suite.sh engine64   # r7b-8L engine decode, 64 sequences at 2k context
+#   bash benchmarks/gpu_suite.sh decode-presets  # engine decode, r7b-8L and Command-R7B, B1 and B16, cohere_fx alone
 #   bash benchmarks/gpu_suite.sh lora qlora # r7b-8L LoRA / QLoRA r16 step B2xS2048, return_logits=false (qlora: carry .whl)
 #   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without rope_kv_write, one run each
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
@@ -68,6 +69,11 @@ for stage in "$@"; do
                --compare hf-cb,cohere_fx --out "$out" ;;
     paged)   # paged_attention vs the gather + repeat_kv + SDPA it replaces: 16 sequences of 4096 tokens
              python -m cohere_fx.bench kernels $BENCH_ARGS --kernels paged_attention --batch 16 --seq 4096 --out "$out" ;;
+    decode-presets) # issue 5's rate targets, the default backend alone (the cheapest run that checks them)
+             for preset in r7b-8L command-r7b; do
+               python -m cohere_fx.bench decode $BENCH_ARGS --preset $preset --engine --batch 1,16 --compare cohere_fx \
+                 --out "$out" || break
+             done ;;
     decode64) python -m cohere_fx.bench decode $BENCH_ARGS --batch 64 --iters 2 --warmup 0 --out "$out" ;;
     engine64) # issue 5's batch-64 bandwidth target: 64 sequences at 2k context through the Engine
              python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 64 --prompt 2048 --compare cohere_fx \
