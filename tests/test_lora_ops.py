@@ -63,7 +63,7 @@ def assert_matches_peft(inputs, scaling, round_update):
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank", [16, 80])
 def test_cuda_r7b_gate_proj_shapes(rank):
-    """The compiled kernels (tf32 tensor-core dots on split fp32 operands, FMA dots) at r7b's gate_proj shapes, 4096
+    """The compiled kernels (tf32 tensor-core dots on split fp32 operands, tf32x3 dots) at r7b's gate_proj shapes, 4096
     tokens; rank 80 is lora_shared_input's five rank-16 A matrices."""
     torch.manual_seed(rank)
     assert_matches_peft(layer_inputs(4096, 4096, rank, 14336, device="cuda"), 1.0, False)

@@ -15,8 +15,11 @@ Exactness: the same fp32 products as PEFT's GEMMs, accumulated in fp32 in anothe
   operand is split into three bf16-representable parts that sum to it exactly (``_exact_dot``), and
   bf16-representable values multiply exactly under tf32 (and under the interpreter's fp32), so each partial
   product is exact.
-- fp32 x fp32 products with the rank as their short side (``h @ B.T``, ``dh @ A``, the gradient passes of B) run as
-  IEEE fp32 dots (CUDA-core FMAs).
+- fp32 x fp32 products with the rank as their short side (``h @ B.T``, ``dh @ A``, the gradient passes of B) run
+  on the tensor cores as tf32x3: Triton splits each fp32 operand into a tf32 part and a tf32 remainder and sums
+  three products, leaving ~2^-22 relative error per product, the size of fp32 rounding itself (IEEE dots under the
+  interpreter). As IEEE dots (CUDA-core FMAs) ``dh @ A`` alone took 31 ms of a 125 ms H100 LoRA step and the
+  gradient passes 11.5 ms (benchmarks/results/train-lora-r7b-8L-20261206T031500Z.json).
 - Rounding points are PEFT's: ``(h @ B.T) * scaling`` is rounded in fp32, added to the base in fp32 and rounded
   once to its dtype (bitsandbytes' 4-bit layers round the update to the dtype before the add: ``ROUND_UPDATE``).
   The output gradient is ``dy.float() * scaling``, as autograd computes it there.
@@ -71,14 +74,14 @@ def _shrink_fwd_kernel(X, A, PART, M, R, stride_xm, K: tl.constexpr, K_CHUNK: tl
 
 @triton.jit
 def _shrink_dx_kernel(DH, A, DX, M, R, stride_dhm, stride_dxm, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr, RANK: tl.constexpr):
+                      BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr):
     """dx[M, K] = dh[M, R] @ A[R, K], rounded to dx's dtype (PEFT's cast of x to fp32, differentiated)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, RANK)
     dh = tl.load(DH + rm[:, None] * stride_dhm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     a = tl.load(A + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-    dx = tl.dot(dh, a, input_precision="ieee")
+    dx = tl.dot(dh, a, input_precision=PRECISION)
     tl.store(DX + rm[:, None] * stride_dxm + rk[None, :], dx.to(DX.dtype.element_ty),
              mask=(rm[:, None] < M) & (rk[None, :] < K))
 
@@ -89,7 +92,7 @@ def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, st
     """PART[p, R, C] = w[rows of partition p].T @ (y * scaling)[those rows], w [M, R] fp32, y [M, C] (any
     strides), summed over p afterwards. A's gradient: w = dh, y = x over the tokens (bf16-representable:
     EXACT_SPLIT on the tensor cores); B's, transposed: w = h, y = dy over the tokens; h's, transposed: w = B,
-    y = dy.T over the output features (dy scaled in fp32: IEEE dots)."""
+    y = dy.T over the output features (dy scaled in fp32: fp32 x fp32 dots at PRECISION)."""
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1)
     rr = tl.arange(0, RANK)
@@ -107,21 +110,22 @@ def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, st
         if EXACT_SPLIT:
             acc = _exact_dot(w_t, y, acc, False, PRECISION)
         else:
-            acc = tl.dot(w_t, y * scaling, acc, input_precision="ieee")
+            acc = tl.dot(w_t, y * scaling, acc, input_precision=PRECISION)
         m0 += BLOCK_M
     tl.store(PART + (p * R + rr[:, None]) * C + rc[None, :], acc, mask=(rr[:, None] < R) & (rc[None, :] < C))
 
 
 @triton.jit
 def _expand_fwd_kernel(BASE, H, B, OUT, M, N, R, scaling, stride_bm, stride_hm, stride_om, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, RANK: tl.constexpr, ROUND_UPDATE: tl.constexpr):
+                       BLOCK_N: tl.constexpr, RANK: tl.constexpr, ROUND_UPDATE: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """out[M, N] = round(base + round?((h @ B.T) * scaling)), the fp32 math of PEFT's LoRA layer."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, RANK)
     h = tl.load(H + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     b_t = tl.load(B + rn[None, :] * R + rr[:, None], mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-    update = tl.dot(h, b_t, input_precision="ieee") * scaling
+    update = tl.dot(h, b_t, input_precision=PRECISION) * scaling
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     base = tl.load(BASE + rm[:, None] * stride_bm + rn[None, :], mask=mask, other=0.0)
     dtype = OUT.dtype.element_ty
@@ -148,7 +152,13 @@ def _partitions(blocks: int, length: int, block: int, like: torch.Tensor) -> tup
 
 
 def _precision(t: torch.Tensor) -> str:
+    """For products of bf16-representable values (exact at tf32)."""
     return "tf32" if t.is_cuda else "ieee"  # the interpreter's fp32 dot is exact already
+
+
+def _fp32_precision(t: torch.Tensor) -> str:
+    """For fp32 x fp32 products: tf32x3 on the tensor cores, not CUDA-core FMAs (module docstring)."""
+    return "tf32x3" if t.is_cuda else "ieee"
 
 
 def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, exact_split: bool) -> torch.Tensor:
@@ -159,7 +169,8 @@ def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, exact_split: bool
     partial = torch.empty((parts, r, c), dtype=torch.float32, device=y.device)
     _row_sum_kernel[(triton.cdiv(c, block_c), parts)](
         w, y, partial, m, r, c, rows, float(scaling), w.stride(0), y.stride(0), y.stride(1), BLOCK_M=BLOCK_M,
-        BLOCK_C=block_c, RANK=rank, EXACT_SPLIT=exact_split, PRECISION=_precision(y), num_warps=warps)
+        BLOCK_C=block_c, RANK=rank, EXACT_SPLIT=exact_split,
+        PRECISION=_precision(y) if exact_split else _fp32_precision(y), num_warps=warps)
     return partial.sum(0)
 
 
@@ -184,7 +195,7 @@ def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
     with on_device(x):
         _shrink_dx_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, block_k))](
             dh, a, dx, m, r, dh.stride(0), dx.stride(0), K=k, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
-            num_warps=warps)
+            PRECISION=_fp32_precision(x), num_warps=warps)
         return dx, _row_sum(dh, x, 1.0, True)
 
 
@@ -198,7 +209,7 @@ def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scalin
     with on_device(base):
         _expand_fwd_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))](
             base, h, b, out, m, n, r, float(scaling), base.stride(0), h.stride(0), out.stride(0), BLOCK_M=BLOCK_M,
-            BLOCK_N=block_n, RANK=rank, ROUND_UPDATE=round_update, num_warps=warps)
+            BLOCK_N=block_n, RANK=rank, ROUND_UPDATE=round_update, PRECISION=_fp32_precision(base), num_warps=warps)
     return out
 
 
