@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in calls that each fit the device's 10-minute limit.
-#   bash benchmarks/gpu_suite.sh tests      # GPU-marked tests + kernel tests compiled on CUDA
+#   bash benchmarks/gpu_suite.sh tests      # GPU-marked tests + kernel tests compiled on CUDA (~8 min on an H200)
+#   bash benchmarks/gpu_suite.sh tests-gpu  # the GPU-marked tests alone (real shapes, compiled models): a short check
 #   bash benchmarks/gpu_suite.sh kernels    # every op vs HF eager math vs inductor (r7b-8L shapes)
 #   bash benchmarks/gpu_suite.sh sweep      # launch-config sweeps: qk_norm_rope, paged_attention, decode_linear
 #   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernel's sweep alone: decode_linear
@@ -47,6 +48,7 @@ for stage in "$@"; do
                tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py tests/test_swiglu.py \
                tests/test_parallel_residual.py tests/test_decode_runner.py tests/test_peft_lora.py tests/test_embedding.py tests/test_engine.py \
                tests/test_decode_linear.py tests/test_rope_kv_write.py tests/test_lora_ops.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
+    tests-gpu) python -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests 2>&1 | tee "$out/tests-gpu.log" | tail -40 ;;
     kernels) python -m cohere_fx.bench kernels $BENCH_ARGS --out "$out" &&
              # LayerNorm at hidden 8192 ([8192, 8192]: Command R / R+ widths)
              python -m cohere_fx.bench kernels $BENCH_ARGS --preset command-r --layers 1 --kernels layer_norm --out "$out" ;;
