@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks in calls that each fit the device's 10-minute limit.
-#   bash benchmarks/gpu_suite.sh tests      # GPU-marked tests + kernel tests compiled on CUDA (~8 min on an H200)
+#   bash benchmarks/gpu_suite.sh tests      # GPU-marked tests + kernel tests compiled on CUDA (long: a call of its own)
 #   bash benchmarks/gpu_suite.sh tests-gpu  # the GPU-marked tests alone (real shapes, compiled models): a short check
 #   bash benchmarks/gpu_suite.sh kernels    # every op vs HF eager math vs inductor (r7b-8L shapes)
 #   bash benchmarks/gpu_suite.sh sweep      # launch-config sweeps: qk_norm_rope, paged_attention, decode_linear
@@ -37,6 +37,12 @@ print("torch", torch.__version__, "triton", triton.__version__, "transformers", 
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no cuda")
 PY
 BENCH_ARGS="${BENCH_ARGS:-}"
+each_preset() {  # the engine decode of both presets at B1 and B16; extra bench arguments follow
+  local preset
+  for preset in r7b-8L command-r7b; do
+    python -m cohere_fx.bench decode $BENCH_ARGS --preset $preset --engine --batch 1,16 --out "$out" "$@" || return 1
+  done
+}
 sweep_decode() {
   python benchmarks/sweep_decode_linear.py --out "$out"
 }
@@ -71,11 +77,7 @@ for stage in "$@"; do
                --compare hf-cb,cohere_fx --out "$out" ;;
     paged)   # paged_attention vs the gather + repeat_kv + SDPA it replaces: 16 sequences of 4096 tokens
              python -m cohere_fx.bench kernels $BENCH_ARGS --kernels paged_attention --batch 16 --seq 4096 --out "$out" ;;
-    decode-presets) # issue 5's rate targets, the default backend alone (the cheapest run that checks them)
-             for preset in r7b-8L command-r7b; do
-               python -m cohere_fx.bench decode $BENCH_ARGS --preset $preset --engine --batch 1,16 --compare cohere_fx \
-                 --out "$out" || break
-             done ;;
+    decode-presets) each_preset --compare cohere_fx ;;  # issue 5's rate targets, the default backend alone
     decode64) python -m cohere_fx.bench decode $BENCH_ARGS --batch 64 --iters 2 --warmup 0 --out "$out" ;;
     engine64) # issue 5's batch-64 bandwidth target: 64 sequences at 2k context through the Engine
              python -m cohere_fx.bench decode $BENCH_ARGS --engine --batch 64 --prompt 2048 --compare cohere_fx \
@@ -84,10 +86,7 @@ for stage in "$@"; do
     qlora)   # bitsandbytes is not on the GPU image: carry its wheel in .whl/ (see BENCHMARKS.md)
              python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl &&
              PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode qlora --option return_logits=false --out "$out" ;;
-    ab-decode) for preset in r7b-8L command-r7b; do
-               python -m cohere_fx.bench decode $BENCH_ARGS --preset $preset --engine --batch 1,16 \
-                 --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write --out "$out" || break
-             done ;;
+    ab-decode) each_preset --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write ;;
     ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
                --ablate tied_embedding_grad --out "$out" ;;
     ab-lora) python -m cohere_fx.bench train $BENCH_ARGS --mode lora --option return_logits=false \
