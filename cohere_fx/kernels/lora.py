@@ -10,7 +10,8 @@ gradient to an fp32 copy before two fp32 GEMMs. In the recorded H100 profile of 
 Here every pass reads the bf16 activation or gradient once and writes its result once; nothing [tokens,
 features]-sized is fp32.
 
-Exactness: the same fp32 products as PEFT's GEMMs, accumulated in fp32 in another order.
+Exactness: PEFT's fp32 products (exact, or within fp32 rounding where both operands are fp32), accumulated in
+fp32 in another order.
 - An fp32 x bf16 product (``x @ A.T`` forward, ``dh.T @ x`` for A's gradient) runs on the tensor cores: the fp32
   operand is split into three bf16-representable parts that sum to it exactly (``_exact_dot``), and
   bf16-representable values multiply exactly under tf32 (and under the interpreter's fp32), so each partial
