@@ -1,14 +1,16 @@
-"""Decode linear layers on a GPU: cuBLAS vs the grouped Triton ``decode_linear`` kernel, per Command-R7B weight
-group and batch, over a sweep of launch configs; CUDA-graph timed, so launch gaps count. Weights of 48 MB or less
-fit the H100's 50 MB L2 across replays, which flatters both sides there (a decode step streams 5.6 GB).
+"""Decode linear layers on a GPU: cuBLAS vs the grouped Triton ``decode_linear`` kernel, per weight group of a
+Cohere decode step (q+k+v+gate+up in one launch, o, down, the head) and batch, over launch configs and both dot
+forms (UPCAST: tf32 on fp32 copies of the tiles, or bf16). Each timed call streams enough copies of the group's
+weights (>= 512 MB, like a step's layers one after another) that nothing is served from the 50 MB L2; CUDA-graph
+timed, so launch gaps count.
 
-    python benchmarks/sweep_decode_linear.py [--out DIR]   # prints a table; writes decode_linear-sweep-<date>.json to DIR
-(run as benchmarks/gemv_probe.py for the 2026-11-25 record)
+    python benchmarks/sweep_decode_linear.py [--out DIR]   # prints a table; writes decode_linear-sweep-<date>.json
 """
 import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 
 import torch
@@ -18,9 +20,9 @@ import triton.testing
 from cohere_fx.kernels.decode_linear import decode_linear_fwd
 
 H, HKV, FFN, VOCAB = 4096, 1024, 14336, 256000
-GROUPS = {"qkv": ([H, HKV, HKV], H), "o": ([H], H), "gate_up": ([FFN, FFN], H), "down": ([H], FFN),
-          "head": ([VOCAB], H)}
-CONFIGS = list(itertools.product([16, 32, 64], [256, 512], [4, 8], [2, 4]))
+GROUPS = {"qkv_gate_up": ([H, HKV, HKV, FFN, FFN], H), "o": ([H], H), "down": ([H], FFN), "head": ([VOCAB], H)}
+CONFIGS = list(itertools.product([16, 32, 64], [256, 512], [4, 8], [2, 4], [True, False]))
+STREAM_BYTES = 512 << 20
 
 
 def main():
@@ -30,38 +32,39 @@ def main():
     dev, dt = "cuda", torch.bfloat16
     rows = []
     for (name, (sizes, k)), m in itertools.product(GROUPS.items(), [1, 16]):
+        nbytes = sum(sizes) * k * 2
+        copies = math.ceil(STREAM_BYTES / nbytes)
         x = torch.randn(m, k, device=dev, dtype=dt)
-        ws = [torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5 for n in sizes]
-        nbytes = sum(w.numel() for w in ws) * 2
-        cublas = triton.testing.do_bench_cudagraph(lambda: [x @ w.t() for w in ws])
-        cublas_t = triton.testing.do_bench_cudagraph(lambda: [(w @ x.t()).t() for w in ws])
+        sets = [[torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5 for n in sizes] for _ in range(copies)]
+        cublas = triton.testing.do_bench_cudagraph(lambda: [x @ w.t() for ws in sets for w in ws]) / copies
         timings = {}
         for config in CONFIGS:
             try:
-                outs = decode_linear_fwd(x, ws, config)
+                outs = decode_linear_fwd(x, sets[0], config)
             except triton.runtime.errors.OutOfResources:  # more shared memory than this GPU has: not a candidate
                 continue
-            for o, w in zip(outs, ws):
+            for o, w in zip(outs, sets[0]):
                 torch.testing.assert_close(o, x @ w.t(), rtol=2e-2, atol=2e-2)
-            timings[config] = triton.testing.do_bench_cudagraph(lambda: decode_linear_fwd(x, ws, config))
+            timings[config] = triton.testing.do_bench_cudagraph(
+                lambda: [decode_linear_fwd(x, ws, config) for ws in sets]) / copies
         best = min(timings, key=timings.get)
-        row = {"group": name, "m": m, "bytes": nbytes, "cublas_ms": cublas, "cublas_transposed_ms": cublas_t,
+        row = {"group": name, "m": m, "bytes": nbytes, "copies": copies, "cublas_ms": cublas,
                "triton_best_ms": timings[best], "triton_best_config": best,
                "triton_ms": {str(c): t for c, t in timings.items()}}
         rows.append(row)
-        print(f"{name:8s} M={m:2d} cuBLAS {cublas * 1e3:8.1f} us ({nbytes / cublas / 1e6:5.0f} GB/s)  "
-              f"W@x.T {cublas_t * 1e3:8.1f} us  triton {timings[best] * 1e3:8.1f} us "
-              f"({nbytes / timings[best] / 1e6:5.0f} GB/s) {best}", flush=True)
-    totals = {c: sum(r["triton_ms"].get(str(c), float("inf")) for r in rows if r["group"] != "head")
-              for c in CONFIGS}
-    print("best single config over the layer groups:", min(totals, key=totals.get))
+        print(f"{name:12s} M={m:2d} cuBLAS {cublas * 1e3:7.1f} us ({nbytes / cublas / 1e6:5.0f} GB/s)  triton "
+              f"{timings[best] * 1e3:7.1f} us ({nbytes / timings[best] / 1e6:5.0f} GB/s) {best}", flush=True)
+        del sets
+    for upcast in (True, False):
+        configs = [c for c in CONFIGS if c[-1] == upcast]
+        totals = {c: sum(r["triton_ms"].get(str(c), float("inf")) for r in rows) for c in configs}
+        print(f"best single config (upcast={upcast}) over all groups and batches:", min(totals, key=totals.get))
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "python benchmarks/sweep_decode_linear.py"}
     stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     with open(os.path.join(args.out, f"decode_linear-sweep-{stamp}.json"), "w") as f:
-        json.dump({"env": env, "rows": rows, "config_totals_ms": {str(c): t for c, t in totals.items()}}, f,
-                  indent=1)
+        json.dump({"env": env, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """decode_linear: the kernel (under TRITON_INTERPRET=1 on CPU) and the op against F.linear, opcheck, and the pattern
 on a traced decode step (one launch per layer for q, k, v, gate and up; the head alone when it is large; nothing
 in training graphs or on prefill-sized inputs)."""
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,6 @@ import cohere_fx
 import cohere_fx.ops  # noqa: F401
 from cohere_fx.configs import tiny_cohere_config
 from cohere_fx.kernels.decode_linear import decode_linear_fwd
-from cohere_fx.patterns import decode_linear as pattern
 from cohere_fx.runtime.decode_runner import decode_step
 from decode_steps import two_slot_step
 
@@ -30,8 +31,8 @@ def test_kernel_equals_linear_for_every_weight_slot(dtype, rows):
     torch.manual_seed(0)
     x = torch.randn(rows, 96, dtype=dtype, device=DEVICE)
     weights = [torch.randn(n, 96, dtype=dtype, device=DEVICE) for n in (40, 16, 8, 64, 33)]  # all five slots
-    for count in (1, 2, 5):
-        outs = decode_linear_fwd(x, weights[:count], config=(16, 32, 4, 1))
+    for count, upcast in itertools.product((1, 2, 5), (True, False) if DEVICE == "cuda" else (True,)):
+        outs = decode_linear_fwd(x, weights[:count], config=(16, 32, 4, 1, upcast))
         assert len(outs) == count
         for out, w in zip(outs, weights):
             one_ulp_close(out, x.float() @ w.float().t())
@@ -72,23 +73,21 @@ def tiny_model():
     return CohereForCausalLM(tiny_cohere_config(layers=2, initializer_range=0.2)).eval()
 
 
-def test_decode_step_fuses_one_launch_per_layer():
+def test_decode_step_fuses_one_launch_per_layer_and_takes_every_linear():
+    """Per layer one launch for q, k, v, gate and up, one each for o and down; one for the head."""
     model = tiny_model()
     report = decode_graph(model)
-    assert report.matches["decode_linear"] == model.config.num_hidden_layers
+    c = model.config
+    assert report.matches["decode_linear"] == 3 * c.num_hidden_layers + 1
     (graph,) = report.graphs
     calls = [line for line in graph.after.splitlines() if "= cohere_fx.decode_linear(" in line]
-    c = model.config
     head_dim = c.hidden_size // c.num_attention_heads
-    q, kv, ffn = c.hidden_size, c.num_key_value_heads * head_dim, c.intermediate_size
-    outputs = f"(f32[2, 1, {q}], f32[2, 1, {kv}], f32[2, 1, {kv}], f32[2, 1, {ffn}], f32[2, 1, {ffn}])"
-    assert len(calls) == 2 and all(outputs in line for line in calls), calls  # q, k, v, gate, up
-
-
-def test_large_head_alone(monkeypatch):
-    model = tiny_model()
-    monkeypatch.setattr(pattern, "SINGLE_MIN_ROWS", model.config.vocab_size)
-    assert decode_graph(model).matches["decode_linear"] == model.config.num_hidden_layers + 1
+    q, kv, ffn, h = c.hidden_size, c.num_key_value_heads * head_dim, c.intermediate_size, c.hidden_size
+    grouped = f"(f32[2, 1, {q}], f32[2, 1, {kv}], f32[2, 1, {kv}], f32[2, 1, {ffn}], f32[2, 1, {ffn}])"
+    singles = [f"(f32[2, 1, {h}])", f"(f32[2, 1, {c.vocab_size}])"]  # o and down; the head
+    assert sum(grouped in line for line in calls) == c.num_hidden_layers, calls
+    assert sum(any(s in line for s in singles) for line in calls) == 2 * c.num_hidden_layers + 1, calls
+    assert not any("linear" in line for line in graph.after.splitlines() if "decode_linear" not in line)
 
 
 def test_rewritten_decode_step_equals_eager():
@@ -118,12 +117,12 @@ def test_not_applied_with_gradients_or_many_rows():
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 16])
 def test_cuda_command_r7b_shapes_equal_cublas(rows):
-    """The compiled kernel at Command-R7B's decode shapes (the five projections of one layer, and the head):
-    every output within one bf16 rounding of cuBLAS's."""
+    """The compiled kernel at Command-R7B's decode shapes (the five projections of one layer, o, down and the
+    head: each config of kernels/decode_linear.py): every output within one bf16 rounding of cuBLAS's."""
     torch.manual_seed(0)
-    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
-    for sizes in ((4096, 1024, 1024, 14336, 14336), (256000,)):
-        weights = [torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16) / 64 for n in sizes]
+    for sizes, k in (((4096, 1024, 1024, 14336, 14336), 4096), ((4096,), 4096), ((4096,), 14336), ((256000,), 4096)):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for n in sizes]
         for out, w in zip(op(x, weights), weights):
             ref = (x.float() @ w.float().t())
             torch.testing.assert_close(out.float(), ref, rtol=2 ** -7, atol=2 ** -7 * ref.abs().max().item())

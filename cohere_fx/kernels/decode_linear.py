@@ -9,8 +9,9 @@ features and the whole K, so there is no reduction pass, and the weights that re
 launch (their programs are laid end to end on the grid): q, k, v, gate and up read one LayerNorm output.
 
 Each program multiplies [BLOCK_M, BLOCK_K] rows of x by a [BLOCK_N, BLOCK_K] tile of W with ``tl.dot`` (M padded
-to 16, the MMA minimum), accumulating in fp32 and rounding once, as cuBLAS does. The MMA runs on tf32 operands
-upcast from bf16/fp16, which is exact; the kernel is bound by the weight's bytes, not by the MMA rate.
+to 16, the MMA minimum), accumulating in fp32 and rounding once, as cuBLAS does. The MMA runs on the bf16/fp16 tiles
+themselves, or (UPCAST) on tf32 operands upcast from them; both multiply exactly. The kernel is bound by the weight's
+bytes, not by the MMA rate.
 """
 import triton
 import triton.language as tl
@@ -19,7 +20,7 @@ import triton.language as tl
 @triton.jit
 def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, stride_ym,
                K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -32,9 +33,10 @@ def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, str
                     other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 + rk)[None, :], mask=n_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        # fp32 operands: exact for bf16/fp16 inputs under tf32 (fewer mantissa bits than tf32 keeps), and the
-        # form Triton's CPU interpreter multiplies correctly (its bf16 dot does not)
-        acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
+        if UPCAST:  # fp32 operands: exact for bf16/fp16 under tf32, and what the interpreter multiplies correctly
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
+        else:  # the inputs' own dtype: exact products, fp32 accumulation, half the registers of an fp32 tile
+            acc += tl.dot(x, tl.trans(w))
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -42,33 +44,45 @@ def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, str
 @triton.jit
 def _decode_linear_kernel(x_ptr, w0, w1, w2, w3, w4, y0, y1, y2, y3, y4, N0, N1, N2, N3, N4, P1, P2, P3, P4, M, stride_xm,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Weight i's programs start at P_i (P0 = 0; unused slots have N = 0 and no programs). Weights and outputs
     are row-major with rows of K and N_i elements (the launcher makes them so)."""
     pid = tl.program_id(0)
     if pid < P1:
         _decode_linear_tile(x_ptr, w0, y0, pid * BLOCK_N, M, N0, stride_xm, K, N0, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION)
+                   DOT_PRECISION, UPCAST)
     elif pid < P2:
         _decode_linear_tile(x_ptr, w1, y1, (pid - P1) * BLOCK_N, M, N1, stride_xm, K, N1, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION)
+                   DOT_PRECISION, UPCAST)
     elif pid < P3:
         _decode_linear_tile(x_ptr, w2, y2, (pid - P2) * BLOCK_N, M, N2, stride_xm, K, N2, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION)
+                   DOT_PRECISION, UPCAST)
     elif pid < P4:
         _decode_linear_tile(x_ptr, w3, y3, (pid - P3) * BLOCK_N, M, N3, stride_xm, K, N3, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION)
+                   DOT_PRECISION, UPCAST)
     else:
         _decode_linear_tile(x_ptr, w4, y4, (pid - P4) * BLOCK_N, M, N4, stride_xm, K, N4, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION)
+                   DOT_PRECISION, UPCAST)
 
 
 MAX_WEIGHTS = 5  # q, k, v, gate and up read one LayerNorm output in Cohere's parallel block
 MAX_ROWS = 16  # rows of x: one MMA tile (decode batches up to 16)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) from benchmarks/sweep_decode_linear.py on an H100
-# (benchmarks/results/decode_linear-sweep-20261125T175814.json): at K = 4096 it streams gate+up at 2.84 TB/s (cuBLAS
-# 2.71) and the 256 000-row head at 3.06 TB/s (cuBLAS 2.88). For o and down cuBLAS was faster: not used there.
-CONFIG = (32, 256, 4, 2)
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, UPCAST) per kind of launch, from benchmarks/sweep_decode_linear.py on an
+# H100, each group streamed from HBM as in a decode step (benchmarks/results/sweep-decode_linear-h100-20261206T0448.log):
+# q+k+v+gate+up in one launch at 2.92 TB/s (cuBLAS 2.52), o at 2.45 (cuBLAS 2.07), down at 2.86 (cuBLAS 2.73), at
+# batch 1 and 16 alike. UPCAST: the dot on fp32 copies of the tiles at tf32, else in the inputs' dtype (faster in
+# every group of that sweep); forced on for fp32 inputs and under the interpreter. The 256 000-row head keeps the
+# config of the 2026-11-25 sweep (3.06 TB/s, cuBLAS 2.88; benchmarks/results/decode_linear-sweep-20261125T175814.json).
+GROUPED_CONFIG = (16, 256, 4, 2, False)
+SINGLE_CONFIG = (32, 256, 4, 4, False)
+HEAD_CONFIG = (32, 256, 4, 2, True)
+HEAD_MIN_ROWS = 65536
+
+
+def _config(weights) -> tuple:
+    if len(weights) > 1:
+        return GROUPED_CONFIG
+    return HEAD_CONFIG if weights[0].shape[0] >= HEAD_MIN_ROWS else SINGLE_CONFIG
 
 
 def decode_linear_fwd(x, weights, config=None):
@@ -85,7 +99,7 @@ def decode_linear_fwd(x, weights, config=None):
         if w.dim() != 2 or w.shape[1] != k or not w.is_contiguous() or w.dtype != x.dtype:
             raise ValueError(f"decode_linear: weight {w.dtype}{tuple(w.shape)} strides {w.stride()} does not fit x "
                              f"{x.dtype}{tuple(x.shape)} (row-major [N, K] expected)")
-    block_n, block_k, warps, stages = config or CONFIG
+    block_n, block_k, warps, stages, upcast = config or _config(weights)
     outs = [torch.empty((m, w.shape[0]), dtype=x.dtype, device=x.device) for w in weights]
     unused = MAX_WEIGHTS - len(weights)
     sizes = [w.shape[0] for w in weights] + [0] * unused
@@ -96,5 +110,6 @@ def decode_linear_fwd(x, weights, config=None):
         _decode_linear_kernel[(starts[-1],)](
             x, *weights, *weights[:1] * unused, *outs, *outs[:1] * unused, *sizes, *starts[1:MAX_WEIGHTS], m,
             x.stride(0), K=k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages)
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            UPCAST=upcast or not x.is_cuda or x.dtype == torch.float32, num_warps=warps, num_stages=stages)
     return outs

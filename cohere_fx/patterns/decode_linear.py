@@ -21,10 +21,6 @@ import torch.fx
 from cohere_fx.kernels.decode_linear import MAX_ROWS, MAX_WEIGHTS
 from cohere_fx.patterns.base import Match, SiblingPattern, fake_value, known_equal
 
-# A linear with at least this many output rows is worth the op on its own (the head; see the module doc).
-SINGLE_MIN_ROWS = 65536
-
-
 def search(x, weight):
     return torch.nn.functional.linear(x, weight, None)
 
@@ -48,11 +44,6 @@ def _decode_member(match: Match) -> bool:
     out, rows = fake_value(match.outputs[0]), _rows(match.val("x"))
     return (isinstance(out, torch.Tensor) and not out.requires_grad and rows is not None and rows <= MAX_ROWS
             and not _computes_gradients(match.graph))
-
-
-def _min_group(match: Match) -> int:
-    weight = match.val("weight")
-    return 1 if weight is not None and weight.dim() == 2 and weight.shape[0] >= SINGLE_MIN_ROWS else 2
 
 
 def check(match: Match) -> Optional[str]:
@@ -81,5 +72,5 @@ def replace(match: Match):
         return tuple(graph.call_function(operator.getitem, (fused, i)) for i in range(len(weights)))
 
 
-PATTERN = SiblingPattern("decode_linear", search, replace, check, member=_decode_member, min_size=_min_group,
+PATTERN = SiblingPattern("decode_linear", search, replace, check, member=_decode_member, min_size=lambda match: 1,
                          max_size=MAX_WEIGHTS)
