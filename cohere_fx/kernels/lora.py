@@ -12,23 +12,18 @@ features]-sized is fp32.
 
 Exactness: PEFT's fp32 products (exact, or within fp32 rounding where both operands are fp32), accumulated in
 fp32 in another order.
-- Every product of an fp32 adapter operand with a bf16/fp16 activation or gradient (``x @ A.T`` forward; in the
-  backward ``dh.T @ x`` for A's gradient, ``dy @ B`` for h's, ``dy.T @ h`` for B's) runs on the tensor cores with
-  exact products: the fp32 operand is split into three bf16-representable parts that sum to it exactly
-  (``_exact_dot``). For bf16 activations on a GPU the parts meet the activation as bf16 dots (the fp32 rate
-  would be half, and converting the big operand to fp32 cost more than the loads); otherwise as tf32 dots on an
-  fp32 copy of the tile (bf16 and fp16 values are tf32-representable; the interpreter's fp32 dot is exact). With
-  tf32x3 dots on ``dy.float() * scaling`` the three gradient passes took 9.1 ms of a 94.2 ms H100 LoRA step
-  (benchmarks/results/train-lora-r7b-8L-20261206T042915Z.json).
-- fp32 x fp32 products with the rank as their short side (``h @ B.T``, ``dh @ A``) run on the tensor cores as
-  tf32x3: Triton splits each fp32 operand into a tf32 part and a tf32 remainder and sums three products, leaving
-  ~2^-22 relative error per product, the size of fp32 rounding itself (IEEE dots under the interpreter). As IEEE
-  dots (CUDA-core FMAs) ``dh @ A`` alone took 31 ms of a 125 ms H100 LoRA step
-  (benchmarks/results/train-lora-r7b-8L-20261206T031500Z.json).
+- An fp32 x bf16 product (``x @ A.T`` forward, ``dh.T @ x`` for A's gradient) runs on the tensor cores: the fp32
+  operand is split into three bf16-representable parts that sum to it exactly (``_exact_dot``), and
+  bf16-representable values multiply exactly under tf32 (and under the interpreter's fp32), so each partial
+  product is exact.
+- fp32 x fp32 products with the rank as their short side (``h @ B.T``, ``dh @ A``, the gradient passes of B) run
+  on the tensor cores as tf32x3: Triton splits each fp32 operand into a tf32 part and a tf32 remainder and sums
+  three products, leaving ~2^-22 relative error per product, the size of fp32 rounding itself (IEEE dots under the
+  interpreter). As IEEE dots (CUDA-core FMAs) ``dh @ A`` alone took 31 ms of a 125 ms H100 LoRA step and the
+  gradient passes 11.5 ms (benchmarks/results/train-lora-r7b-8L-20261206T031500Z.json).
 - Rounding points are PEFT's: ``(h @ B.T) * scaling`` is rounded in fp32, added to the base in fp32 and rounded
   once to its dtype (bitsandbytes' 4-bit layers round the update to the dtype before the add: ``ROUND_UPDATE``).
-  PEFT's output gradient is ``dy.float() * scaling``; here the scaling multiplies the fp32 sums instead (the same
-  for a power-of-two scaling, otherwise within one fp32 rounding per product).
+  The output gradient is ``dy.float() * scaling``, as autograd computes it there.
 
 Long reductions (over the tokens for A's and B's gradients, over the output features for ``dh``) are split into
 partitions that write fp32 partial sums, added afterwards in a fixed order: deterministic, no atomics.
@@ -44,28 +39,25 @@ BLOCK_M = 64  # tiles (with _tiles): not yet swept on a GPU
 
 
 @triton.jit
-def _exact_dot(lhs, rhs, acc, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
-    """acc + lhs @ rhs where one operand is fp32 and the other's values are bf16- (or fp16-) representable: the fp32
-    one (rhs if SPLIT_RHS else lhs) is split into three bf16-representable parts that sum to it exactly, so that
-    every partial product is exact. BF16_DOT: the other operand is bf16 and the parts are multiplied as bf16 (the
-    tensor cores' bf16 rate, no fp32 copy of the big operand); otherwise the other operand is fp32 and the dots run
-    at PRECISION, which must keep 11 mantissa bits (tf32, ieee)."""
+def _exact_dot(lhs, rhs, acc, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + lhs @ rhs where one operand is fp32 and the other's values are bf16-representable: the fp32 one
+    (rhs if SPLIT_RHS else lhs) is split into three bf16-representable parts that sum to it exactly, so that
+    every partial product is exact at any dot precision that keeps bf16 mantissas (tf32, ieee)."""
     full = rhs if SPLIT_RHS else lhs
-    part = full.to(tl.bfloat16)
+    part = full.to(tl.bfloat16).to(tl.float32)
     for _ in tl.static_range(3):
-        factor = part if BF16_DOT else part.to(tl.float32)
         if SPLIT_RHS:
-            acc = tl.dot(lhs, factor, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs, part, acc, input_precision=PRECISION)
         else:
-            acc = tl.dot(factor, rhs, acc, input_precision=PRECISION)
-        full = full - part.to(tl.float32)  # exact: part is full rounded to 8 significant bits
-        part = full.to(tl.bfloat16)  # the third time, full has at most 8 bits left: part == full
+            acc = tl.dot(part, rhs, acc, input_precision=PRECISION)
+        full = full - part  # exact: part is full rounded to 8 significant bits
+        part = full.to(tl.bfloat16).to(tl.float32)  # the third time, full has at most 8 bits left: part == full
     return acc
 
 
 @triton.jit
 def _shrink_fwd_kernel(X, A, PART, M, R, stride_xm, K: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
+                       BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr):
     """PART[s, M, R] = x[M, chunk s of K] @ A[R, chunk s of K].T, summed over s afterwards: a program owns
     BLOCK_M rows, the whole rank and one chunk of K (4096 tokens are only 64 row blocks: too few programs alone)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,7 +69,7 @@ def _shrink_fwd_kernel(X, A, PART, M, R, stride_xm, K: tl.constexpr, K_CHUNK: tl
         k = k0 + rk
         x = tl.load(X + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
         a_t = tl.load(A + rr[None, :] * K + k[:, None], mask=(rr[None, :] < R) & (k[:, None] < K), other=0.0)
-        acc = _exact_dot(x if BF16_DOT else x.to(tl.float32), a_t, acc, True, PRECISION, BF16_DOT)
+        acc = _exact_dot(x.to(tl.float32), a_t, acc, True, PRECISION)
     tl.store(PART + (s * M + rm[:, None]) * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
@@ -97,10 +89,11 @@ def _shrink_dx_kernel(DH, A, DX, M, R, stride_dhm, stride_dxm, K: tl.constexpr, 
 
 @triton.jit
 def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, stride_yc, BLOCK_M: tl.constexpr,
-                    BLOCK_C: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
-    """PART[p, R, C] = (w[rows of partition p].T @ y[those rows]) * scaling, w [M, R] fp32, y [M, C] bf16/fp16 (any
-    strides), summed over p afterwards; exact products (_exact_dot). A's gradient: w = dh, y = x over the tokens;
-    B's, transposed: w = h, y = dy over the tokens; h's, transposed: w = B, y = dy.T over the output features."""
+                    BLOCK_C: tl.constexpr, RANK: tl.constexpr, EXACT_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """PART[p, R, C] = w[rows of partition p].T @ (y * scaling)[those rows], w [M, R] fp32, y [M, C] (any
+    strides), summed over p afterwards. A's gradient: w = dh, y = x over the tokens (bf16-representable:
+    EXACT_SPLIT on the tensor cores); B's, transposed: w = h, y = dy over the tokens; h's, transposed: w = B,
+    y = dy.T over the output features (dy scaled in fp32: fp32 x fp32 dots at PRECISION)."""
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1)
     rr = tl.arange(0, RANK)
@@ -114,11 +107,13 @@ def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, st
         w_t = tl.load(W + m[None, :] * stride_wm + rr[:, None], mask=(m[None, :] < m_end) & (rr[:, None] < R),
                       other=0.0)
         y = tl.load(Y + m[:, None] * stride_ym + rc[None, :] * stride_yc,
-                    mask=(m[:, None] < m_end) & (rc[None, :] < C), other=0.0)
-        acc = _exact_dot(w_t, y if BF16_DOT else y.to(tl.float32), acc, False, PRECISION, BF16_DOT)
+                    mask=(m[:, None] < m_end) & (rc[None, :] < C), other=0.0).to(tl.float32)
+        if EXACT_SPLIT:
+            acc = _exact_dot(w_t, y, acc, False, PRECISION)
+        else:
+            acc = tl.dot(w_t, y * scaling, acc, input_precision=PRECISION)
         m0 += BLOCK_M
-    tl.store(PART + (p * R + rr[:, None]) * C + rc[None, :], acc * scaling,
-             mask=(rr[:, None] < R) & (rc[None, :] < C))
+    tl.store(PART + (p * R + rr[:, None]) * C + rc[None, :], acc, mask=(rr[:, None] < R) & (rc[None, :] < C))
 
 
 @triton.jit
@@ -158,7 +153,7 @@ def _partitions(blocks: int, length: int, block: int, like: torch.Tensor) -> tup
 
 
 def _precision(t: torch.Tensor) -> str:
-    """For products of bf16- or fp16-representable values (exact at tf32)."""
+    """For products of bf16-representable values (exact at tf32)."""
     return "tf32" if t.is_cuda else "ieee"  # the interpreter's fp32 dot is exact already
 
 
@@ -167,21 +162,16 @@ def _fp32_precision(t: torch.Tensor) -> str:
     return "tf32x3" if t.is_cuda else "ieee"
 
 
-def _bf16_dot(t: torch.Tensor) -> bool:
-    """Exact-split dots with bf16 operands: for bf16 activations on a GPU (fp16 values need the split parts' range
-    in fp32; the interpreter's bf16 dot is not exact)."""
-    return t.is_cuda and t.dtype == torch.bfloat16
-
-
-def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float) -> torch.Tensor:
-    """(w.T @ y) * scaling, a sum over the rows, split into partitions: fp32 [R, C]."""
+def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, exact_split: bool) -> torch.Tensor:
+    """w.T @ (y * scaling), a sum over the rows, split into partitions: fp32 [R, C]."""
     (m, c), r = y.shape, w.shape[1]
     rank, block_c, warps = _tiles(r)
     parts, rows = _partitions(triton.cdiv(c, block_c), m, BLOCK_M, y)
     partial = torch.empty((parts, r, c), dtype=torch.float32, device=y.device)
     _row_sum_kernel[(triton.cdiv(c, block_c), parts)](
         w, y, partial, m, r, c, rows, float(scaling), w.stride(0), y.stride(0), y.stride(1), BLOCK_M=BLOCK_M,
-        BLOCK_C=block_c, RANK=rank, PRECISION=_precision(y), BF16_DOT=_bf16_dot(y), num_warps=warps)
+        BLOCK_C=block_c, RANK=rank, EXACT_SPLIT=exact_split,
+        PRECISION=_precision(y) if exact_split else _fp32_precision(y), num_warps=warps)
     return partial.sum(0)
 
 
@@ -194,7 +184,7 @@ def lora_shrink_fwd(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     with on_device(x):
         _shrink_fwd_kernel[(triton.cdiv(m, BLOCK_M), parts)](
             x, a, partial, m, r, x.stride(0), K=k, K_CHUNK=chunk, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
-            PRECISION=_precision(x), BF16_DOT=_bf16_dot(x), num_warps=warps)
+            PRECISION=_precision(x), num_warps=warps)
     return partial.sum(0)
 
 
@@ -207,7 +197,7 @@ def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
         _shrink_dx_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, block_k))](
             dh, a, dx, m, r, dh.stride(0), dx.stride(0), K=k, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
             PRECISION=_fp32_precision(x), num_warps=warps)
-        return dx, _row_sum(dh, x, 1.0)
+        return dx, _row_sum(dh, x, 1.0, True)
 
 
 def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -227,4 +217,5 @@ def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scalin
 def lora_expand_bwd(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float):
     """(dh fp32 [M, R], dB fp32 [N, R]) of lora_expand_fwd from dy [M, N]; the base's gradient is dy itself."""
     with on_device(dy):
-        return _row_sum(b, dy.t(), scaling).t().contiguous(), _row_sum(h, dy, scaling).t().contiguous()
+        return (_row_sum(b, dy.t(), scaling, False).t().contiguous(),
+                _row_sum(h, dy, scaling, False).t().contiguous())
