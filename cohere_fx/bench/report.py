@@ -36,9 +36,10 @@ sweep-decode, prefill, train, lora, qlora, decode, decode64, engine, engine-r7b,
 ce, ab-decode, ab-train, ab-lora, ab-qlora; `cohere_fx-ablated` is cohere_fx without the patterns its `how` leaves
 out), or from the same bench command run directly (the command is shown in each section), with `--out $OUT`; the
 QLoRA stage carries the bitsandbytes 0.50.2 wheel, absent from the GPU image. Beside the records, each headed by its
-command, device and versions: launch-config sweeps (`benchmarks/results/sweep-*.txt`, and
+command, device and versions: launch-config sweeps (`benchmarks/results/sweep-*.txt` and `sweep-*.log`, and
 `decode_linear-sweep-*.json` from `benchmarks/sweep_decode_linear.py`), the `ce` stage's H100 loss test
-(`ce-*.log`), GPU test runs (`tests-*.log`) and runs cut short before their record was written (`*.log`). One
+(`ce-*.log`), GPU test runs (`tests-*.log`) and runs cut short before their record was written (`*.log`); records
+of reverted changes are in `reverted/` with a note (this page leaves them out). One
 section per workload, device and set of systems, from its newest record; the systems of a section ran in the same
 process on the same device; `*limit*` is the time (or rate) the work takes at the
 device's FLOP/s or bandwidth limit. `× inductor` / `× eager` = speed-up over that system in the same run
