@@ -88,10 +88,11 @@ def _shrink_dx_kernel(DH, A, DX, M, R, stride_dhm, stride_dxm, K: tl.constexpr, 
 
 
 @triton.jit
-def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, stride_yc, BLOCK_M: tl.constexpr,
-                    BLOCK_C: tl.constexpr, RANK: tl.constexpr, EXACT_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
-    """PART[p, R, C] = w[rows of partition p].T @ (y * scaling)[those rows], w [M, R] fp32, y [M, C] (any
-    strides), summed over p afterwards. A's gradient: w = dh, y = x over the tokens (bf16-representable:
+def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, stride_yc, stride_pr, stride_pc,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK: tl.constexpr, EXACT_SPLIT: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """PART[p] ([R, C], or [C, R] through the strides) = w[rows of partition p].T @ (y * scaling)[those rows],
+    w [M, R] fp32, y [M, C] (any strides), summed over p afterwards. A's gradient: w = dh, y = x over the tokens (bf16-representable:
     EXACT_SPLIT on the tensor cores); B's, transposed: w = h, y = dy over the tokens; h's, transposed: w = B,
     y = dy.T over the output features (dy scaled in fp32: fp32 x fp32 dots at PRECISION)."""
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -113,7 +114,8 @@ def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, st
         else:
             acc = tl.dot(w_t, y * scaling, acc, input_precision=PRECISION)
         m0 += BLOCK_M
-    tl.store(PART + (p * R + rr[:, None]) * C + rc[None, :], acc, mask=(rr[:, None] < R) & (rc[None, :] < C))
+    tl.store(PART + p * R * C + rr[:, None] * stride_pr + rc[None, :] * stride_pc, acc,
+             mask=(rr[:, None] < R) & (rc[None, :] < C))
 
 
 @triton.jit
@@ -162,15 +164,17 @@ def _fp32_precision(t: torch.Tensor) -> str:
     return "tf32x3" if t.is_cuda else "ieee"
 
 
-def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, exact_split: bool) -> torch.Tensor:
-    """w.T @ (y * scaling), a sum over the rows, split into partitions: fp32 [R, C]."""
+def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, exact_split: bool,
+             transposed: bool = False) -> torch.Tensor:
+    """w.T @ (y * scaling), a sum over the rows, split into partitions: fp32 [R, C], or its transpose [C, R]
+    (contiguous, written so by the kernel: no transposing copy)."""
     (m, c), r = y.shape, w.shape[1]
     rank, block_c, warps = _tiles(r)
     parts, rows = _partitions(triton.cdiv(c, block_c), m, BLOCK_M, y)
-    partial = torch.empty((parts, r, c), dtype=torch.float32, device=y.device)
+    partial = torch.empty((parts, c, r) if transposed else (parts, r, c), dtype=torch.float32, device=y.device)
     _row_sum_kernel[(triton.cdiv(c, block_c), parts)](
-        w, y, partial, m, r, c, rows, float(scaling), w.stride(0), y.stride(0), y.stride(1), BLOCK_M=BLOCK_M,
-        BLOCK_C=block_c, RANK=rank, EXACT_SPLIT=exact_split,
+        w, y, partial, m, r, c, rows, float(scaling), w.stride(0), y.stride(0), y.stride(1),
+        *((1, r) if transposed else (c, 1)), BLOCK_M=BLOCK_M, BLOCK_C=block_c, RANK=rank, EXACT_SPLIT=exact_split,
         PRECISION=_precision(y) if exact_split else _fp32_precision(y), num_warps=warps)
     return partial.sum(0)
 
@@ -217,5 +221,4 @@ def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scalin
 def lora_expand_bwd(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float):
     """(dh fp32 [M, R], dB fp32 [N, R]) of lora_expand_fwd from dy [M, N]; the base's gradient is dy itself."""
     with on_device(dy):
-        return (_row_sum(b, dy.t(), scaling, False).t().contiguous(),
-                _row_sum(h, dy, scaling, False).t().contiguous())
+        return _row_sum(b, dy.t(), scaling, False, True), _row_sum(h, dy, scaling, False, True)
