@@ -17,6 +17,8 @@
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand
 #   bash benchmarks/gpu_suite.sh ab-train   # full fine-tune step with and without tied_embedding_grad
+#   bash benchmarks/gpu_suite.sh cg-lora cg-qlora  # ab-lora / ab-qlora with inductor's CUDA graphs (cudagraph trees):
+#                                           # set beside ab-lora / ab-qlora, how much of a step is host overhead
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
 # BENCH_ARGS (e.g. "--passes layer_norm,rope") is appended to every bench command.
 set -uo pipefail
@@ -42,6 +44,17 @@ each_preset() {  # the engine decode of both presets at B1 and B16; extra bench 
   for preset in r7b-8L command-r7b; do
     python -m cohere_fx.bench decode $BENCH_ARGS --preset $preset --engine --batch 1,16 --out "$out" "$@" || return 1
   done
+}
+CUDAGRAPHS='inductor_config={"triton.cudagraphs": true}'
+ab_lora() {  # a LoRA (lora) or QLoRA (qlora) step with and without lora_shrink + lora_expand; extra arguments follow
+  local mode=$1
+  shift
+  if [ "$mode" = qlora ]; then  # bitsandbytes is not on the GPU image: carry its wheel in .whl/
+    python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl || return 1
+  fi
+  PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode "$mode" \
+    --option return_logits=false --compare cohere_fx,cohere_fx-ablated --ablate lora_shrink,lora_expand \
+    --out "$out" "$@"
 }
 sweep_decode() {
   python benchmarks/sweep_decode_linear.py --out "$out"
@@ -89,12 +102,10 @@ for stage in "$@"; do
     ab-decode) each_preset --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write ;;
     ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
                --ablate tied_embedding_grad --out "$out" ;;
-    ab-lora) python -m cohere_fx.bench train $BENCH_ARGS --mode lora --option return_logits=false \
-               --compare cohere_fx,cohere_fx-ablated --ablate lora_shrink,lora_expand --out "$out" ;;
-    ab-qlora) python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl &&
-             PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode qlora \
-               --option return_logits=false --compare cohere_fx,cohere_fx-ablated --ablate lora_shrink,lora_expand \
-               --out "$out" ;;
+    ab-lora) ab_lora lora ;;
+    ab-qlora) ab_lora qlora ;;
+    cg-lora) ab_lora lora --option "$CUDAGRAPHS" ;;
+    cg-qlora) ab_lora qlora --option "$CUDAGRAPHS" ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
