@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh tests-gpu  # the GPU-marked tests alone (real shapes, compiled models): a short check
 #   bash benchmarks/gpu_suite.sh kernels    # every op vs HF eager math vs inductor (r7b-8L shapes)
 #   bash benchmarks/gpu_suite.sh sweep      # launch-config sweeps: qk_norm_rope, paged_attention, decode_linear
-#   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernel's sweep alone: decode_linear
+#   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernel's sweep alone: decode_linear (over 5 minutes in
+#                                           # all: SWEEP_ARGS="--groups down,head --rows 16" takes a part)
 #   bash benchmarks/gpu_suite.sh prefill    # r7b-8L prefill B4xS2048: eager, inductor, cohere_fx
 #   bash benchmarks/gpu_suite.sh train      # r7b-8L full fine-tune step B2xS2048, with logits and return_logits=false
 #   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new (decode64: batch 64)
@@ -57,7 +58,7 @@ ab_lora() {  # a LoRA (lora) or QLoRA (qlora) step with and without lora_shrink 
     --out "$out" "$@"
 }
 sweep_decode() {
-  python benchmarks/sweep_decode_linear.py --out "$out"
+  python benchmarks/sweep_decode_linear.py --out "$out" ${SWEEP_ARGS:-}
 }
 status=0
 for stage in "$@"; do

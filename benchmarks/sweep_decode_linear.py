@@ -4,7 +4,9 @@ forms (UPCAST: tf32 on fp32 copies of the tiles, or bf16). Each timed call strea
 weights (>= 512 MB, like a step's layers one after another) that nothing is served from the 50 MB L2; CUDA-graph
 timed, so launch gaps count.
 
-    python benchmarks/sweep_decode_linear.py [--out DIR]   # prints a table; writes decode_linear-sweep-<date>.json
+    python benchmarks/sweep_decode_linear.py [--out DIR] [--groups down,head] [--rows 16]
+prints a table and writes decode_linear-sweep-<date>.json to DIR. All groups at 1 and 16 rows take over 5 minutes on
+an H100 (most of it compiling the configs): split them over calls with --groups / --rows.
 """
 import argparse
 import datetime
@@ -28,10 +30,13 @@ STREAM_BYTES = 512 << 20
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--groups", default=",".join(GROUPS), help="comma-separated: " + ",".join(GROUPS))
+    parser.add_argument("--rows", default="1,16", help="comma-separated batch rows (<= 16)")
     args = parser.parse_args()
+    groups = {name: GROUPS[name] for name in args.groups.split(",")}
     dev, dt = "cuda", torch.bfloat16
     rows = []
-    for (name, (sizes, k)), m in itertools.product(GROUPS.items(), [1, 16]):
+    for (name, (sizes, k)), m in itertools.product(groups.items(), [int(r) for r in args.rows.split(",")]):
         nbytes = sum(sizes) * k * 2
         copies = math.ceil(STREAM_BYTES / nbytes)
         x = torch.randn(m, k, device=dev, dtype=dt)
