@@ -2,10 +2,9 @@
 
 Why: a decode step's linear layers are matrix-vector products bound by streaming their weights. In Cohere's
 parallel block q, k, v, gate and up all read the one LayerNorm output: cuBLAS runs them as five launches, three
-of them split-K with a reduction kernel each; the op streams all five in one launch (H100, Command-R7B shapes:
-gate+up at 2.84 TB/s vs cuBLAS's 2.71). The head (256 000 rows) alone is also faster through the op (3.06 vs
-2.88 TB/s); other single linears (o, down) are left to cuBLAS, which was faster there
-(benchmarks/results/decode_linear-sweep-20261125T175814.json).
+of them split-K with a reduction kernel each; the op streams all five in one launch. Every other linear (o, down,
+the head) goes through the op alone, also faster than cuBLAS's split-K kernels there (H100 figures in
+kernels/decode_linear.py).
 
 When it applies: the graph computes no gradient (neither the linear's traced output nor any graph output
 requires grad: a decode step under ``torch.no_grad``), the input has at most 16 rows (decode batches; prefill keeps cuBLAS GEMMs),
