@@ -67,8 +67,9 @@ def _decode_linear_kernel(x_ptr, w0, w1, w2, w3, w4, y0, y1, y2, y3, y4, N0, N1,
 
 MAX_WEIGHTS = 5  # q, k, v, gate and up read one LayerNorm output in Cohere's parallel block
 MAX_ROWS = 16  # rows of x: one MMA tile (decode batches up to 16)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, UPCAST) per kind of launch, from benchmarks/sweep_decode_linear.py on an
-# H100, each group streamed from HBM as in a decode step (benchmarks/results/sweep-decode_linear-h100-20261206T0448.log):
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, UPCAST) per kind of launch, from benchmarks/sweep_decode_linear.py on
+# an H100, each group streamed from HBM as in a decode step
+# (benchmarks/results/sweep-decode_linear-h100-20261206T0448.log):
 # q+k+v+gate+up in one launch at 2.92 TB/s (cuBLAS 2.52), o at 2.45 (cuBLAS 2.07), down at 2.86 (cuBLAS 2.73), at
 # batch 1 and 16 alike. UPCAST: the dot on fp32 copies of the tiles at tf32, else in the inputs' dtype (faster in
 # every group of that sweep); forced on for fp32 inputs and under the interpreter. The 256 000-row head keeps the

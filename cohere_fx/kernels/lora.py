@@ -92,9 +92,9 @@ def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, st
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK: tl.constexpr, EXACT_SPLIT: tl.constexpr,
                     PRECISION: tl.constexpr):
     """PART[p] ([R, C], or [C, R] through the strides) = w[rows of partition p].T @ (y * scaling)[those rows],
-    w [M, R] fp32, y [M, C] (any strides), summed over p afterwards. A's gradient: w = dh, y = x over the tokens (bf16-representable:
-    EXACT_SPLIT on the tensor cores); B's, transposed: w = h, y = dy over the tokens; h's, transposed: w = B,
-    y = dy.T over the output features (dy scaled in fp32: fp32 x fp32 dots at PRECISION)."""
+    w [M, R] fp32, y [M, C] (any strides), summed over p afterwards. A's gradient: w = dh, y = x over the tokens
+    (bf16-representable: EXACT_SPLIT on the tensor cores); B's, transposed: w = h, y = dy over the tokens; h's,
+    transposed: w = B, y = dy.T over the output features (dy scaled in fp32: fp32 x fp32 dots at PRECISION)."""
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1)
     rr = tl.arange(0, RANK)

@@ -20,6 +20,7 @@ import torch.fx
 from cohere_fx.kernels.decode_linear import MAX_ROWS, MAX_WEIGHTS
 from cohere_fx.patterns.base import Match, SiblingPattern, fake_value, known_equal
 
+
 def search(x, weight):
     return torch.nn.functional.linear(x, weight, None)
 
