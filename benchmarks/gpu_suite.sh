@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_suite.sh sweep      # launch-config sweeps: qk_norm_rope, paged_attention, decode_linear
 #   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernel's sweep alone: decode_linear (over 5 minutes in
 #                                           # all: SWEEP_ARGS="--groups down,head --rows 16" takes a part)
+#   bash benchmarks/gpu_suite.sh sweep-lora # lora_expand's one-pass backward: launch configs vs the two passes
 #   bash benchmarks/gpu_suite.sh prefill    # r7b-8L prefill B4xS2048: eager, inductor, cohere_fx
 #   bash benchmarks/gpu_suite.sh train      # r7b-8L full fine-tune step B2xS2048, with logits and return_logits=false
 #   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new (decode64: batch 64)
@@ -75,8 +76,10 @@ for stage in "$@"; do
     ce)      python -m pytest -q -s -p no:cacheprovider --tb=short tests/test_cross_entropy.py -k h100 2>&1 | tee "$out/ce.log" | tail -25 ;;
     ln8k)    python -m cohere_fx.bench kernels $BENCH_ARGS --preset command-r --layers 1 --kernels layer_norm --out "$out" ;;
     sweep)   python benchmarks/sweep_qk_norm_rope.py | tee "$out/sweep-qk_norm_rope.txt" &&
-             python benchmarks/sweep_paged_attention.py | tee "$out/sweep-paged_attention.txt" && sweep_decode ;;
+             python benchmarks/sweep_paged_attention.py | tee "$out/sweep-paged_attention.txt" && sweep_decode &&
+             python benchmarks/sweep_lora.py | tee "$out/sweep-lora.txt" ;;
     sweep-decode) sweep_decode ;;
+    sweep-lora) python benchmarks/sweep_lora.py | tee "$out/sweep-lora.txt" ;;
     prefill) python -m cohere_fx.bench prefill $BENCH_ARGS --out "$out" ;;
     train)   python -m cohere_fx.bench train $BENCH_ARGS --mode full --out "$out" &&
              python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare inductor,cohere_fx --option return_logits=false --out "$out" ;;

@@ -87,6 +87,19 @@ def test_kernels_against_fp64():
     assert rel_err(dh2, g @ b64) < 1e-6 and rel_err(db, g.t() @ h.double()) < 1e-6
 
 
+@pytest.mark.parametrize("r", [16, 40], ids=["one-pass", "two-pass"])
+def test_expand_backward_across_partitions(r):
+    """lora_expand's backward where the tokens are cut into partitions and the output features into several column
+    blocks (rank 16: one pass over dy for both gradients; rank 40 pads past FUSED_BWD_MAX_RANK: two passes)."""
+    torch.manual_seed(r)
+    m, n = 600, 520
+    h, b = torch.randn(m, r, device=DEVICE), torch.randn(n, r, device=DEVICE)
+    dy = torch.randn(m, n, device=DEVICE).bfloat16()
+    dh, db = lora_expand_bwd(dy, h, b, 0.75)
+    g = dy.double() * 0.75
+    assert rel_err(dh, g @ b.double()) < 1e-6 and rel_err(db, g.t() @ h.double()) < 1e-6
+
+
 def test_opcheck_and_refusals():
     x, a, b, base = (t.detach() for t in layer_inputs(8, 32, 4, 24))
     torch.library.opcheck(ops.lora_shrink, (x.requires_grad_(), a.requires_grad_()))

@@ -12,21 +12,28 @@ features]-sized is fp32.
 
 Exactness: PEFT's fp32 products (exact, or within fp32 rounding where both operands are fp32), accumulated in
 fp32 in another order.
-- An fp32 x bf16 product (``x @ A.T`` forward, ``dh.T @ x`` for A's gradient) runs on the tensor cores: the fp32
-  operand is split into three bf16-representable parts that sum to it exactly (``_exact_dot``), and
-  bf16-representable values multiply exactly under tf32 (and under the interpreter's fp32), so each partial
-  product is exact.
-- fp32 x fp32 products with the rank as their short side (``h @ B.T``, ``dh @ A``, the gradient passes of B) run
-  on the tensor cores as tf32x3: Triton splits each fp32 operand into a tf32 part and a tf32 remainder and sums
-  three products, leaving ~2^-22 relative error per product, the size of fp32 rounding itself (IEEE dots under the
-  interpreter). As IEEE dots (CUDA-core FMAs) ``dh @ A`` alone took 31 ms of a 125 ms H100 LoRA step and the
-  gradient passes 11.5 ms (benchmarks/results/train-lora-r7b-8L-20261206T031500Z.json).
+- Every product of an fp32 adapter operand with a bf16/fp16 activation or gradient (``x @ A.T`` forward; in the
+  backward ``dh.T @ x`` for A's gradient, ``dy @ B`` for h's, ``dy.T @ h`` for B's) runs on the tensor cores with
+  exact products: the fp32 operand is split into three bf16-representable parts that sum to it exactly
+  (``_exact_dot``). For bf16 activations on a GPU the parts meet the activation as bf16 dots (the fp32 rate
+  would be half, and converting the big operand to fp32 cost more than the loads); otherwise as tf32 dots on an
+  fp32 copy of the tile (bf16 and fp16 values are tf32-representable; the interpreter's fp32 dot is exact). With
+  tf32x3 dots on ``dy.float() * scaling`` the three gradient passes took 9.1 ms of a 94.2 ms H100 LoRA step
+  (benchmarks/results/train-lora-r7b-8L-20261206T042915Z.json).
+- fp32 x fp32 products with the rank as their short side (``h @ B.T``, ``dh @ A``) run on the tensor cores as
+  tf32x3: Triton splits each fp32 operand into a tf32 part and a tf32 remainder and sums three products, leaving
+  ~2^-22 relative error per product, the size of fp32 rounding itself (IEEE dots under the interpreter). As IEEE
+  dots (CUDA-core FMAs) ``dh @ A`` alone took 31 ms of a 125 ms H100 LoRA step
+  (benchmarks/results/train-lora-r7b-8L-20261206T031500Z.json).
 - Rounding points are PEFT's: ``(h @ B.T) * scaling`` is rounded in fp32, added to the base in fp32 and rounded
   once to its dtype (bitsandbytes' 4-bit layers round the update to the dtype before the add: ``ROUND_UPDATE``).
-  The output gradient is ``dy.float() * scaling``, as autograd computes it there.
+  PEFT's output gradient is ``dy.float() * scaling``; here the scaling multiplies the fp32 sums instead (the same
+  for a power-of-two scaling, otherwise within one fp32 rounding per product).
 
 Long reductions (over the tokens for A's and B's gradients, over the output features for ``dh``) are split into
-partitions that write fp32 partial sums, added afterwards in a fixed order: deterministic, no atomics.
+partitions that write fp32 partial sums, added afterwards in a fixed order: deterministic, no atomics. At ranks up
+to 32 ``lora_expand``'s backward reads dy once for both of its gradients (``_expand_bwd_kernel``): dy is the
+largest operand of every LoRA pass ([tokens, 14336] for gate and up), and the separate passes read it twice.
 """
 import torch
 import triton
@@ -36,28 +43,38 @@ from cohere_fx.kernels import on_device, persistent_programs
 
 MAX_RANK = 128  # the rank (or the sum of the ranks of fused A matrices) that one tile holds
 BLOCK_M = 64  # tiles (with _tiles): not yet swept on a GPU
+# lora_expand's fused backward (benchmarks/sweep_lora.py): dy's columns per program (dh's partial sums,
+# [N / BLOCK_N, M, rank] fp32, cost 2 * rank / BLOCK_N of dy's bytes), rows per step and warps; the largest padded
+# rank it takes (registers: [BLOCK_N, rank] fp32 tiles)
+EXPAND_BWD_BLOCK_N = 256
+EXPAND_BWD_BLOCK_M = 64
+EXPAND_BWD_WARPS = 8
+FUSED_BWD_MAX_RANK = 32
 
 
 @triton.jit
-def _exact_dot(lhs, rhs, acc, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + lhs @ rhs where one operand is fp32 and the other's values are bf16-representable: the fp32 one
-    (rhs if SPLIT_RHS else lhs) is split into three bf16-representable parts that sum to it exactly, so that
-    every partial product is exact at any dot precision that keeps bf16 mantissas (tf32, ieee)."""
+def _exact_dot(lhs, rhs, acc, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
+    """acc + lhs @ rhs where one operand is fp32 and the other's values are bf16- (or fp16-) representable: the fp32
+    one (rhs if SPLIT_RHS else lhs) is split into three bf16-representable parts that sum to it exactly, so that
+    every partial product is exact. BF16_DOT: the other operand is bf16 and the parts are multiplied as bf16 (the
+    tensor cores' bf16 rate, no fp32 copy of the big operand); otherwise the other operand is fp32 and the dots run
+    at PRECISION, which must keep 11 mantissa bits (tf32, ieee)."""
     full = rhs if SPLIT_RHS else lhs
-    part = full.to(tl.bfloat16).to(tl.float32)
+    part = full.to(tl.bfloat16)
     for _ in tl.static_range(3):
+        factor = part if BF16_DOT else part.to(tl.float32)
         if SPLIT_RHS:
-            acc = tl.dot(lhs, part, acc, input_precision=PRECISION)
+            acc = tl.dot(lhs, factor, acc, input_precision=PRECISION)
         else:
-            acc = tl.dot(part, rhs, acc, input_precision=PRECISION)
-        full = full - part  # exact: part is full rounded to 8 significant bits
-        part = full.to(tl.bfloat16).to(tl.float32)  # the third time, full has at most 8 bits left: part == full
+            acc = tl.dot(factor, rhs, acc, input_precision=PRECISION)
+        full = full - part.to(tl.float32)  # exact: part is full rounded to 8 significant bits
+        part = full.to(tl.bfloat16)  # the third time, full has at most 8 bits left: part == full
     return acc
 
 
 @triton.jit
 def _shrink_fwd_kernel(X, A, PART, M, R, stride_xm, K: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
     """PART[s, M, R] = x[M, chunk s of K] @ A[R, chunk s of K].T, summed over s afterwards: a program owns
     BLOCK_M rows, the whole rank and one chunk of K (4096 tokens are only 64 row blocks: too few programs alone)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,7 +86,7 @@ def _shrink_fwd_kernel(X, A, PART, M, R, stride_xm, K: tl.constexpr, K_CHUNK: tl
         k = k0 + rk
         x = tl.load(X + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
         a_t = tl.load(A + rr[None, :] * K + k[:, None], mask=(rr[None, :] < R) & (k[:, None] < K), other=0.0)
-        acc = _exact_dot(x.to(tl.float32), a_t, acc, True, PRECISION)
+        acc = _exact_dot(x if BF16_DOT else x.to(tl.float32), a_t, acc, True, PRECISION, BF16_DOT)
     tl.store(PART + (s * M + rm[:, None]) * R + rr[None, :], acc, mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
@@ -89,12 +106,12 @@ def _shrink_dx_kernel(DH, A, DX, M, R, stride_dhm, stride_dxm, K: tl.constexpr, 
 
 @triton.jit
 def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, stride_yc, stride_pr, stride_pc,
-                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK: tl.constexpr, EXACT_SPLIT: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    """PART[p] ([R, C], or [C, R] through the strides) = w[rows of partition p].T @ (y * scaling)[those rows],
-    w [M, R] fp32, y [M, C] (any strides), summed over p afterwards. A's gradient: w = dh, y = x over the tokens
-    (bf16-representable: EXACT_SPLIT on the tensor cores); B's, transposed: w = h, y = dy over the tokens; h's,
-    transposed: w = B, y = dy.T over the output features (dy scaled in fp32: fp32 x fp32 dots at PRECISION)."""
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr,
+                    BF16_DOT: tl.constexpr):
+    """PART[p] ([R, C], or [C, R] through the strides) = (w[rows of partition p].T @ y[those rows]) * scaling,
+    w [M, R] fp32, y [M, C] bf16/fp16 (any strides), summed over p afterwards; exact products (_exact_dot). A's
+    gradient: w = dh, y = x over the tokens; B's, transposed: w = h, y = dy over the tokens; h's, transposed: w = B,
+    y = dy.T over the output features."""
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(1)
     rr = tl.arange(0, RANK)
@@ -108,14 +125,40 @@ def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, st
         w_t = tl.load(W + m[None, :] * stride_wm + rr[:, None], mask=(m[None, :] < m_end) & (rr[:, None] < R),
                       other=0.0)
         y = tl.load(Y + m[:, None] * stride_ym + rc[None, :] * stride_yc,
-                    mask=(m[:, None] < m_end) & (rc[None, :] < C), other=0.0).to(tl.float32)
-        if EXACT_SPLIT:
-            acc = _exact_dot(w_t, y, acc, False, PRECISION)
-        else:
-            acc = tl.dot(w_t, y * scaling, acc, input_precision=PRECISION)
+                    mask=(m[:, None] < m_end) & (rc[None, :] < C), other=0.0)
+        acc = _exact_dot(w_t, y if BF16_DOT else y.to(tl.float32), acc, False, PRECISION, BF16_DOT)
         m0 += BLOCK_M
-    tl.store(PART + p * R * C + rr[:, None] * stride_pr + rc[None, :] * stride_pc, acc,
+    tl.store(PART + p * R * C + rr[:, None] * stride_pr + rc[None, :] * stride_pc, acc * scaling,
              mask=(rr[:, None] < R) & (rc[None, :] < C))
+
+
+@triton.jit
+def _expand_bwd_kernel(DY, H, B, DH_PART, DB_PART, M, N, R, rows, scaling, stride_dym, stride_hm,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr,
+                       BF16_DOT: tl.constexpr):
+    """Both gradients of lora_expand from one read of dy: program (j, p) owns dy's columns j*BLOCK_N.. and the rows
+    of partition p. DH_PART[j, rows] = (dy[rows, cols] @ B[cols]) * scaling (summed over j afterwards);
+    DB_PART[p, cols] = (dy[rows, cols].T @ h[rows]) * scaling (summed over p afterwards); exact products."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p = tl.program_id(1)
+    rr = tl.arange(0, RANK)
+    b = tl.load(B + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+    db = tl.zeros((BLOCK_N, RANK), dtype=tl.float32)
+    m0 = p * rows
+    m_end = tl.minimum(m0 + rows, M)
+    while m0 < m_end:  # a while loop: see _row_sum_kernel
+        rm = m0 + tl.arange(0, BLOCK_M)
+        dy = tl.load(DY + rm[:, None] * stride_dym + rn[None, :], mask=(rm[:, None] < m_end) & (rn[None, :] < N),
+                     other=0.0)
+        dy = dy if BF16_DOT else dy.to(tl.float32)
+        h = tl.load(H + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < m_end) & (rr[None, :] < R),
+                    other=0.0)
+        dh = _exact_dot(dy, b, tl.zeros((BLOCK_M, RANK), dtype=tl.float32), True, PRECISION, BF16_DOT)
+        tl.store(DH_PART + (tl.program_id(0) * M + rm[:, None]) * R + rr[None, :], dh * scaling,
+                 mask=(rm[:, None] < m_end) & (rr[None, :] < R))
+        db = _exact_dot(tl.trans(dy), h, db, True, PRECISION, BF16_DOT)
+        m0 += BLOCK_M
+    tl.store(DB_PART + (p * N + rn[:, None]) * R + rr[None, :], db * scaling, mask=(rn[:, None] < N) & (rr[None, :] < R))
 
 
 @triton.jit
@@ -146,16 +189,16 @@ def _tiles(r: int) -> tuple[int, int, int]:
     return rank, max(16, min(128, 8192 // rank)), 4 if rank <= 32 else 8
 
 
-def _partitions(blocks: int, length: int, block: int, like: torch.Tensor) -> tuple[int, int]:
+def _partitions(blocks: int, length: int, block: int, like: torch.Tensor, most: int = 1 << 30) -> tuple[int, int]:
     """(parts, elements per part) for a reduction of ``length`` split so that ``blocks`` x parts programs give every
-    SM a few; each part a whole number of blocks."""
-    wanted = max(1, triton.cdiv(persistent_programs(like), blocks))
+    SM a few (at most ``most`` parts); each part a whole number of blocks."""
+    wanted = max(1, min(most, triton.cdiv(persistent_programs(like), blocks)))
     per = triton.cdiv(triton.cdiv(length, min(wanted, triton.cdiv(length, block))), block) * block
     return triton.cdiv(length, per), per
 
 
 def _precision(t: torch.Tensor) -> str:
-    """For products of bf16-representable values (exact at tf32)."""
+    """For products of bf16- or fp16-representable values (exact at tf32)."""
     return "tf32" if t.is_cuda else "ieee"  # the interpreter's fp32 dot is exact already
 
 
@@ -164,9 +207,14 @@ def _fp32_precision(t: torch.Tensor) -> str:
     return "tf32x3" if t.is_cuda else "ieee"
 
 
-def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, exact_split: bool,
-             transposed: bool = False) -> torch.Tensor:
-    """w.T @ (y * scaling), a sum over the rows, split into partitions: fp32 [R, C], or its transpose [C, R]
+def _bf16_dot(t: torch.Tensor) -> bool:
+    """Exact-split dots with bf16 operands: for bf16 activations on a GPU (fp16 values need the split parts' range
+    in fp32; the interpreter's bf16 dot is not exact)."""
+    return t.is_cuda and t.dtype == torch.bfloat16
+
+
+def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, transposed: bool = False) -> torch.Tensor:
+    """(w.T @ y) * scaling, a sum over the rows, split into partitions: fp32 [R, C], or its transpose [C, R]
     (contiguous, written so by the kernel: no transposing copy)."""
     (m, c), r = y.shape, w.shape[1]
     rank, block_c, warps = _tiles(r)
@@ -174,8 +222,8 @@ def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, exact_split: bool
     partial = torch.empty((parts, c, r) if transposed else (parts, r, c), dtype=torch.float32, device=y.device)
     _row_sum_kernel[(triton.cdiv(c, block_c), parts)](
         w, y, partial, m, r, c, rows, float(scaling), w.stride(0), y.stride(0), y.stride(1),
-        *((1, r) if transposed else (c, 1)), BLOCK_M=BLOCK_M, BLOCK_C=block_c, RANK=rank, EXACT_SPLIT=exact_split,
-        PRECISION=_precision(y) if exact_split else _fp32_precision(y), num_warps=warps)
+        *((1, r) if transposed else (c, 1)), BLOCK_M=BLOCK_M, BLOCK_C=block_c, RANK=rank, PRECISION=_precision(y),
+        BF16_DOT=_bf16_dot(y), num_warps=warps)
     return partial.sum(0)
 
 
@@ -188,7 +236,7 @@ def lora_shrink_fwd(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     with on_device(x):
         _shrink_fwd_kernel[(triton.cdiv(m, BLOCK_M), parts)](
             x, a, partial, m, r, x.stride(0), K=k, K_CHUNK=chunk, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
-            PRECISION=_precision(x), num_warps=warps)
+            PRECISION=_precision(x), BF16_DOT=_bf16_dot(x), num_warps=warps)
     return partial.sum(0)
 
 
@@ -201,7 +249,7 @@ def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
         _shrink_dx_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, block_k))](
             dh, a, dx, m, r, dh.stride(0), dx.stride(0), K=k, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
             PRECISION=_fp32_precision(x), num_warps=warps)
-        return dx, _row_sum(dh, x, 1.0, True)
+        return dx, _row_sum(dh, x, 1.0)
 
 
 def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -219,6 +267,21 @@ def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scalin
 
 
 def lora_expand_bwd(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float):
-    """(dh fp32 [M, R], dB fp32 [N, R]) of lora_expand_fwd from dy [M, N]; the base's gradient is dy itself."""
+    """(dh fp32 [M, R], dB fp32 [N, R]) of lora_expand_fwd from dy [M, N]; the base's gradient is dy itself.
+    Up to rank FUSED_BWD_MAX_RANK one pass over dy gives both; above, its partial sums of dh (one [M, rank] per
+    BLOCK_N columns) would outweigh the second read of dy that they save, and each gradient is a pass of its own."""
+    (m, n), r = dy.shape, b.shape[1]
+    rank = _tiles(r)[0]
     with on_device(dy):
-        return _row_sum(b, dy.t(), scaling, False, True), _row_sum(h, dy, scaling, False, True)
+        if rank > FUSED_BWD_MAX_RANK:
+            return _row_sum(b, dy.t(), scaling, True), _row_sum(h, dy, scaling, True)
+        column_blocks = triton.cdiv(n, EXPAND_BWD_BLOCK_N)
+        # dB's partial sums (parts x [N, rank] fp32) kept within an eighth of dy's bytes
+        parts, rows = _partitions(column_blocks, m, EXPAND_BWD_BLOCK_M, dy, most=max(1, m // (16 * rank)))
+        dh = torch.empty((column_blocks, m, r), dtype=torch.float32, device=dy.device)
+        db = torch.empty((parts, n, r), dtype=torch.float32, device=dy.device)
+        _expand_bwd_kernel[(column_blocks, parts)](
+            dy, h, b, dh, db, m, n, r, rows, float(scaling), dy.stride(0), h.stride(0), BLOCK_M=EXPAND_BWD_BLOCK_M,
+            BLOCK_N=EXPAND_BWD_BLOCK_N, RANK=rank, PRECISION=_precision(dy), BF16_DOT=_bf16_dot(dy),
+            num_warps=EXPAND_BWD_WARPS)
+        return dh.sum(0), db.sum(0)
