@@ -5,6 +5,7 @@ CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported (that
 kernel code without a GPU).
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -25,9 +26,24 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def cdiv(a: int, b: int) -> int:
+    """Launchers' grid arithmetic in plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr
+    functions whose calls cost microseconds each on the host, and a training step makes thousands of launches."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def persistent_programs(t: torch.Tensor, per_sm: int = 4) -> int:
     """Grid size for kernels whose programs each walk many rows and write one partial sum (weight grads): a
     few programs per SM on CUDA, a handful under the interpreter."""
     if t.is_cuda:
-        return per_sm * torch.cuda.get_device_properties(t.device).multi_processor_count
+        return per_sm * sm_count(t.device)
     return 4

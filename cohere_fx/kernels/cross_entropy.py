@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cohere_fx.kernels import on_device
+from cohere_fx.kernels import cdiv, next_power_of_2, on_device
 
 MAX_BLOCK_V = 4096
 
@@ -89,7 +89,7 @@ def _scale_kernel(X, SCALE, numel, BLOCK: tl.constexpr):
 
 
 def _launch_config(v: int, block_v: int | None) -> tuple[int, int]:
-    block_v = block_v or min(triton.next_power_of_2(v), MAX_BLOCK_V)
+    block_v = block_v or min(next_power_of_2(v), MAX_BLOCK_V)
     return block_v, max(1, min(16, block_v // 512))
 
 
@@ -160,6 +160,6 @@ def scale_(x: torch.Tensor, scale: torch.Tensor, block: int = 4096) -> torch.Ten
                          f"{x.stride()} and a {tuple(scale.shape)} scale on {scale.device}")
     if x.numel():
         with on_device(x):
-            _scale_kernel[(triton.cdiv(x.numel(), block),)](x, scale.to(torch.float32), x.numel(), BLOCK=block,
+            _scale_kernel[(cdiv(x.numel(), block),)](x, scale.to(torch.float32), x.numel(), BLOCK=block,
                                                              num_warps=8)
     return x

@@ -16,6 +16,8 @@ bytes, not by the MMA rate.
 import triton
 import triton.language as tl
 
+from cohere_fx.kernels import cdiv, next_power_of_2
+
 
 @triton.jit
 def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, stride_ym,
@@ -106,11 +108,11 @@ def decode_linear_fwd(x, weights, config=None):
     sizes = [w.shape[0] for w in weights] + [0] * unused
     starts = [0]
     for n in sizes:
-        starts.append(starts[-1] + triton.cdiv(n, block_n))
+        starts.append(starts[-1] + cdiv(n, block_n))
     with on_device(x):
         _decode_linear_kernel[(starts[-1],)](
             x, *weights, *weights[:1] * unused, *outs, *outs[:1] * unused, *sizes, *starts[1:MAX_WEIGHTS], m,
-            x.stride(0), K=k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=min(block_k, triton.next_power_of_2(k)),
+            x.stride(0), K=k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=min(block_k, next_power_of_2(k)),
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             UPCAST=upcast or not x.is_cuda or x.dtype == torch.float32, num_warps=warps, num_stages=stages)
     return outs

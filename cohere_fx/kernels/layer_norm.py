@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cohere_fx.kernels import on_device, persistent_programs
+from cohere_fx.kernels import cdiv, next_power_of_2, on_device, persistent_programs
 
 MAX_N = 16384
 
@@ -95,7 +95,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> int:
 def _block(n: int) -> int:
     """Columns per program: the row rounded up to a power of two, at least 16 (a 1-element block would be
     spread over every thread of the warps)."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 # A partial dw row (written, then read by the sum) costs ~1.3 rows of bf16 x/dy/dx traffic: with few rows,
@@ -128,8 +128,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dx = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return dx.view(x.shape), torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    rows_per_program = triton.cdiv(m, min(persistent_programs(x), triton.cdiv(m, _MIN_ROWS_PER_PROGRAM)))
-    programs = triton.cdiv(m, rows_per_program)
+    rows_per_program = cdiv(m, min(persistent_programs(x), cdiv(m, _MIN_ROWS_PER_PROGRAM)))
+    programs = cdiv(m, rows_per_program)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     block_n = _block(n)
     with on_device(x):

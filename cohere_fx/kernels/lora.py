@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cohere_fx.kernels import on_device, persistent_programs
+from cohere_fx.kernels import cdiv, next_power_of_2, on_device, persistent_programs
 
 MAX_RANK = 128  # the rank (or the sum of the ranks of fused A matrices) that one tile holds
 BLOCK_M = 64  # tiles (with _tiles): not yet swept on a GPU
@@ -158,7 +158,8 @@ def _expand_bwd_kernel(DY, H, B, DH_PART, DB_PART, M, N, R, rows, scaling, strid
                  mask=(rm[:, None] < m_end) & (rr[None, :] < R))
         db = _exact_dot(tl.trans(dy), h, db, True, PRECISION, BF16_DOT)
         m0 += BLOCK_M
-    tl.store(DB_PART + (p * N + rn[:, None]) * R + rr[None, :], db * scaling, mask=(rn[:, None] < N) & (rr[None, :] < R))
+    tl.store(DB_PART + (p * N + rn[:, None]) * R + rr[None, :], db * scaling,
+             mask=(rn[:, None] < N) & (rr[None, :] < R))
 
 
 @triton.jit
@@ -185,16 +186,16 @@ def _tiles(r: int) -> tuple[int, int, int]:
     warps: twice as many above rank 32 for the [BLOCK_M, RANK] fp32 accumulators)."""
     if not 1 <= r <= MAX_RANK:
         raise ValueError(f"lora kernels: rank {r} is not in 1 .. {MAX_RANK}")
-    rank = max(16, triton.next_power_of_2(r))
+    rank = max(16, next_power_of_2(r))
     return rank, max(16, min(128, 8192 // rank)), 4 if rank <= 32 else 8
 
 
 def _partitions(blocks: int, length: int, block: int, like: torch.Tensor, most: int = 1 << 30) -> tuple[int, int]:
     """(parts, elements per part) for a reduction of ``length`` split so that ``blocks`` x parts programs give every
     SM a few (at most ``most`` parts); each part a whole number of blocks."""
-    wanted = max(1, min(most, triton.cdiv(persistent_programs(like), blocks)))
-    per = triton.cdiv(triton.cdiv(length, min(wanted, triton.cdiv(length, block))), block) * block
-    return triton.cdiv(length, per), per
+    wanted = max(1, min(most, cdiv(persistent_programs(like), blocks)))
+    per = cdiv(cdiv(length, min(wanted, cdiv(length, block))), block) * block
+    return cdiv(length, per), per
 
 
 def _precision(t: torch.Tensor) -> str:
@@ -218,9 +219,9 @@ def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, transposed: bool 
     (contiguous, written so by the kernel: no transposing copy)."""
     (m, c), r = y.shape, w.shape[1]
     rank, block_c, warps = _tiles(r)
-    parts, rows = _partitions(triton.cdiv(c, block_c), m, BLOCK_M, y)
+    parts, rows = _partitions(cdiv(c, block_c), m, BLOCK_M, y)
     partial = torch.empty((parts, c, r) if transposed else (parts, r, c), dtype=torch.float32, device=y.device)
-    _row_sum_kernel[(triton.cdiv(c, block_c), parts)](
+    _row_sum_kernel[(cdiv(c, block_c), parts)](
         w, y, partial, m, r, c, rows, float(scaling), w.stride(0), y.stride(0), y.stride(1),
         *((1, r) if transposed else (c, 1)), BLOCK_M=BLOCK_M, BLOCK_C=block_c, RANK=rank, PRECISION=_precision(y),
         BF16_DOT=_bf16_dot(y), num_warps=warps)
@@ -231,10 +232,10 @@ def lora_shrink_fwd(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x [M, K] (bf16/fp16), A [R, K] fp32 -> x.to(fp32) @ A.T, fp32 [M, R]."""
     (m, k), r = x.shape, a.shape[0]
     rank, block_k, warps = _tiles(r)
-    parts, chunk = _partitions(triton.cdiv(m, BLOCK_M), k, block_k, x)
+    parts, chunk = _partitions(cdiv(m, BLOCK_M), k, block_k, x)
     partial = torch.empty((parts, m, r), dtype=torch.float32, device=x.device)
     with on_device(x):
-        _shrink_fwd_kernel[(triton.cdiv(m, BLOCK_M), parts)](
+        _shrink_fwd_kernel[(cdiv(m, BLOCK_M), parts)](
             x, a, partial, m, r, x.stride(0), K=k, K_CHUNK=chunk, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
             PRECISION=_precision(x), BF16_DOT=_bf16_dot(x), num_warps=warps)
     return partial.sum(0)
@@ -246,7 +247,7 @@ def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
     rank, block_k, warps = _tiles(r)
     dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
     with on_device(x):
-        _shrink_dx_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, block_k))](
+        _shrink_dx_kernel[(cdiv(m, BLOCK_M), cdiv(k, block_k))](
             dh, a, dx, m, r, dh.stride(0), dx.stride(0), K=k, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
             PRECISION=_fp32_precision(x), num_warps=warps)
         return dx, _row_sum(dh, x, 1.0)
@@ -260,7 +261,7 @@ def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scalin
     rank, block_n, warps = _tiles(r)
     out = torch.empty((m, n), dtype=base.dtype, device=base.device)
     with on_device(base):
-        _expand_fwd_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))](
+        _expand_fwd_kernel[(cdiv(m, BLOCK_M), cdiv(n, block_n))](
             base, h, b, out, m, n, r, float(scaling), base.stride(0), h.stride(0), out.stride(0), BLOCK_M=BLOCK_M,
             BLOCK_N=block_n, RANK=rank, ROUND_UPDATE=round_update, PRECISION=_fp32_precision(base), num_warps=warps)
     return out
@@ -275,7 +276,7 @@ def lora_expand_bwd(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling:
     with on_device(dy):
         if rank > FUSED_BWD_MAX_RANK:
             return _row_sum(b, dy.t(), scaling, True), _row_sum(h, dy, scaling, True)
-        column_blocks = triton.cdiv(n, EXPAND_BWD_BLOCK_N)
+        column_blocks = cdiv(n, EXPAND_BWD_BLOCK_N)
         # dB's partial sums (parts x [N, rank] fp32) kept within an eighth of dy's bytes
         parts, rows = _partitions(column_blocks, m, EXPAND_BWD_BLOCK_M, dy, most=max(1, m // (16 * rank)))
         dh = torch.empty((column_blocks, m, r), dtype=torch.float32, device=dy.device)

@@ -11,11 +11,11 @@ loaded once per group. Those query heads are the rows of a ``tl.dot`` (padded to
 of ``TILE_N`` tokens are gathered through the block table one token row at a time. Softmax statistics in fp32,
 in base 2 (the scale is folded with log2(e)).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from cohere_fx.kernels import cdiv, next_power_of_2, sm_count
 
 _LOG2E = 1.4426950408889634
 
@@ -114,11 +114,8 @@ def _paged_attention_reduce(
     tl.store(out_ptr + row * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@functools.lru_cache
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter: small, but enough to exercise the split path
+    return sm_count(device) if device.type == "cuda" else 2  # the interpreter: small, enough to exercise the split
 
 
 # Launch settings, swept on an H100 by benchmarks/sweep_paged_attention.py
@@ -134,14 +131,14 @@ def tile_width(batch: int, kv_heads: int, max_tokens: int, device: torch.device)
     5.3 us with 64, 5.8 us with 128)."""
     if TILE_N:
         return TILE_N
-    return 128 if batch * kv_heads * triton.cdiv(max_tokens, 128) >= 4 * _num_sms(device) else 64
+    return 128 if batch * kv_heads * cdiv(max_tokens, 128) >= 4 * _num_sms(device) else 64
 
 
 def num_partitions(batch: int, kv_heads: int, max_tokens: int, device: torch.device, tile_n: int = 64) -> int:
     """About PROGRAMS_PER_SM (sequence, kv head, partition) programs per SM: ~3 fit at once (144 registers at
     head_dim 128, bf16, sm_90), so several waves hide the uneven tail; never more partitions than tiles."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * _num_sms(device), batch * kv_heads)
-    return max(1, min(wanted, triton.cdiv(max_tokens, tile_n), 128))
+    wanted = cdiv(PROGRAMS_PER_SM * _num_sms(device), batch * kv_heads)
+    return max(1, min(wanted, cdiv(max_tokens, tile_n), 128))
 
 
 def paged_attention_fwd(
@@ -159,7 +156,7 @@ def paged_attention_fwd(
     if parts is None:
         parts = num_partitions(batch, kv_heads, max_tokens, q.device, tile_n)
     group = num_heads // kv_heads
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = max(16, next_power_of_2(head_dim))
     out = torch.empty(batch, num_heads, head_dim, device=q.device, dtype=q.dtype)
     if parts == 1:
         o_part = m_part = l_part = out  # m/l unused by the FINAL variant
@@ -171,7 +168,7 @@ def paged_attention_fwd(
         q, k_pool, v_pool, block_tables, seq_lens, o_part, m_part, l_part,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *block_tables.stride(),
         scale * _LOG2E, window, parts,
-        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE_N=tile_n, FINAL=parts == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no tf32 rounding for fp32 caches
         num_warps=NUM_WARPS,
@@ -179,6 +176,6 @@ def paged_attention_fwd(
     if parts > 1:
         _paged_attention_reduce[(batch * num_heads,)](
             o_part, m_part, l_part, out, parts,
-            HEAD_DIM=head_dim, D_PAD=d_pad, P_PAD=max(2, triton.next_power_of_2(parts)), num_warps=4,
+            HEAD_DIM=head_dim, D_PAD=d_pad, P_PAD=max(2, next_power_of_2(parts)), num_warps=4,
         )
     return out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cohere_fx.kernels import on_device, persistent_programs
+from cohere_fx.kernels import cdiv, next_power_of_2, on_device, persistent_programs
 
 # Elements of one [BLOCK_H, D] fp32 tile: enough bytes in flight per program, few registers per thread at 4 warps.
 TILE_ELEMENTS = 2048
@@ -157,7 +157,7 @@ def kernel_supports(head_dim: int) -> bool:
 
 
 def _block_heads(n_heads: int, head_dim: int) -> int:
-    return min(triton.next_power_of_2(n_heads), max(1, TILE_ELEMENTS // head_dim))
+    return min(next_power_of_2(n_heads), max(1, TILE_ELEMENTS // head_dim))
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -200,8 +200,8 @@ def fwd_layout(q, k, q_weight, k_weight):
         q_weight, k_weight = q, k
     d = q.shape[-1]
     block_hq, block_hk = _block_heads(q.shape[2], d), _block_heads(k.shape[2], d)
-    return (has_norm, q_weight, k_weight, block_hq, block_hk, triton.cdiv(q.shape[2], block_hq),
-            triton.cdiv(k.shape[2], block_hk))
+    return (has_norm, q_weight, k_weight, block_hq, block_hk, cdiv(q.shape[2], block_hq),
+            cdiv(k.shape[2], block_hk))
 
 
 def _launch_fwd(q, k, cos, sin, q_weight, k_weight, eps):
@@ -238,8 +238,8 @@ def _launch_bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, eps):
     cos, sin, stride_cb, stride_cs = _cos_sin_args(cos, sin)
     if has_norm:
         # Many tokens per program, so that the partial dw rows (written, then summed) stay few.
-        rows = triton.cdiv(n_tokens, min(n_tokens, persistent_programs(dq)))
-        programs = triton.cdiv(n_tokens, rows)
+        rows = cdiv(n_tokens, min(n_tokens, persistent_programs(dq)))
+        programs = cdiv(n_tokens, rows)
         q, k = _unit_last(q), _unit_last(k)
         q_weight, k_weight = q_weight.contiguous(), k_weight.contiguous()
         dqw = torch.empty((programs, h, d), dtype=torch.float32, device=dq.device)
@@ -248,8 +248,8 @@ def _launch_bwd(dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, eps):
         rows, programs = 1, n_tokens
         q, k, q_weight, k_weight, dqw, dkw = dq_out, dk_out, dq_out, dk_out, dq, dk  # never read or written
     block_hq, block_hk = _block_heads(h, d), _block_heads(hk, d)
-    q_blocks = triton.cdiv(h, block_hq)
-    grid = (programs, q_blocks + triton.cdiv(hk, block_hk))
+    q_blocks = cdiv(h, block_hq)
+    grid = (programs, q_blocks + cdiv(hk, block_hk))
     with on_device(dq):
         _qk_norm_rope_bwd_kernel[grid](dq_out, dk_out, q, k, cos, sin, q_weight, k_weight, dq, dk,
                                        dqw, dkw, n_tokens, s, h, hk, rows,
