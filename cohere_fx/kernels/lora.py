@@ -48,7 +48,8 @@ BLOCK_M = 64  # tiles (with _tiles): not yet swept on a GPU
 # rank it takes (registers: [BLOCK_N, rank] fp32 tiles)
 EXPAND_BWD_BLOCK_N = 256
 EXPAND_BWD_BLOCK_M = 64
-EXPAND_BWD_WARPS = 8
+EXPAND_BWD_WARPS = 4
+STAGES = 2  # software-pipelining depth of the row loops (_row_sum_kernel, _expand_bwd_kernel)
 FUSED_BWD_MAX_RANK = 32
 
 
@@ -107,7 +108,7 @@ def _shrink_dx_kernel(DH, A, DX, M, R, stride_dhm, stride_dxm, K: tl.constexpr, 
 @triton.jit
 def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, stride_yc, stride_pr, stride_pc,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr,
-                    BF16_DOT: tl.constexpr):
+                    BF16_DOT: tl.constexpr, STAGES: tl.constexpr):
     """PART[p] ([R, C], or [C, R] through the strides) = (w[rows of partition p].T @ y[those rows]) * scaling,
     w [M, R] fp32, y [M, C] bf16/fp16 (any strides), summed over p afterwards; exact products (_exact_dot). A's
     gradient: w = dh, y = x over the tokens; B's, transposed: w = h, y = dy over the tokens; h's, transposed: w = B,
@@ -116,18 +117,16 @@ def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, st
     p = tl.program_id(1)
     rr = tl.arange(0, RANK)
     acc = tl.zeros((RANK, BLOCK_C), dtype=tl.float32)
-    m0 = p * rows
-    m_end = tl.minimum(m0 + rows, M)
-    # A while loop: Triton 3.6's interpreter cannot take a runtime range bound under numpy >= 2.4
-    # (triton-lang/triton#9171)
-    while m0 < m_end:
+    m_end = tl.minimum(p * rows + rows, M)
+    # A runtime-bounded, software-pipelined loop (loads of the next rows in flight during this step's dots). Under
+    # Triton 3.6's interpreter such loops need numpy < 2.4 (triton-lang/triton#9171; requirements-test.txt pins it).
+    for m0 in tl.range(p * rows, m_end, BLOCK_M, num_stages=STAGES):
         m = m0 + tl.arange(0, BLOCK_M)
         w_t = tl.load(W + m[None, :] * stride_wm + rr[:, None], mask=(m[None, :] < m_end) & (rr[:, None] < R),
                       other=0.0)
         y = tl.load(Y + m[:, None] * stride_ym + rc[None, :] * stride_yc,
                     mask=(m[:, None] < m_end) & (rc[None, :] < C), other=0.0)
         acc = _exact_dot(w_t, y if BF16_DOT else y.to(tl.float32), acc, False, PRECISION, BF16_DOT)
-        m0 += BLOCK_M
     tl.store(PART + p * R * C + rr[:, None] * stride_pr + rc[None, :] * stride_pc, acc * scaling,
              mask=(rr[:, None] < R) & (rc[None, :] < C))
 
@@ -135,7 +134,7 @@ def _row_sum_kernel(W, Y, PART, M, R, C, rows, scaling, stride_wm, stride_ym, st
 @triton.jit
 def _expand_bwd_kernel(DY, H, B, DH_PART, DB_PART, M, N, R, rows, scaling, stride_dym, stride_hm,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr,
-                       BF16_DOT: tl.constexpr):
+                       BF16_DOT: tl.constexpr, STAGES: tl.constexpr):
     """Both gradients of lora_expand from one read of dy: program (j, p) owns dy's columns j*BLOCK_N.. and the rows
     of partition p. DH_PART[j, rows] = (dy[rows, cols] @ B[cols]) * scaling (summed over j afterwards);
     DB_PART[p, cols] = (dy[rows, cols].T @ h[rows]) * scaling (summed over p afterwards); exact products."""
@@ -144,9 +143,8 @@ def _expand_bwd_kernel(DY, H, B, DH_PART, DB_PART, M, N, R, rows, scaling, strid
     rr = tl.arange(0, RANK)
     b = tl.load(B + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
     db = tl.zeros((BLOCK_N, RANK), dtype=tl.float32)
-    m0 = p * rows
-    m_end = tl.minimum(m0 + rows, M)
-    while m0 < m_end:  # a while loop: see _row_sum_kernel
+    m_end = tl.minimum(p * rows + rows, M)
+    for m0 in tl.range(p * rows, m_end, BLOCK_M, num_stages=STAGES):  # pipelined: see _row_sum_kernel
         rm = m0 + tl.arange(0, BLOCK_M)
         dy = tl.load(DY + rm[:, None] * stride_dym + rn[None, :], mask=(rm[:, None] < m_end) & (rn[None, :] < N),
                      other=0.0)
@@ -157,7 +155,6 @@ def _expand_bwd_kernel(DY, H, B, DH_PART, DB_PART, M, N, R, rows, scaling, strid
         tl.store(DH_PART + (tl.program_id(0) * M + rm[:, None]) * R + rr[None, :], dh * scaling,
                  mask=(rm[:, None] < m_end) & (rr[None, :] < R))
         db = _exact_dot(tl.trans(dy), h, db, True, PRECISION, BF16_DOT)
-        m0 += BLOCK_M
     tl.store(DB_PART + (p * N + rn[:, None]) * R + rr[None, :], db * scaling,
              mask=(rn[:, None] < N) & (rr[None, :] < R))
 
@@ -224,7 +221,7 @@ def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, transposed: bool 
     _row_sum_kernel[(cdiv(c, block_c), parts)](
         w, y, partial, m, r, c, rows, float(scaling), w.stride(0), y.stride(0), y.stride(1),
         *((1, r) if transposed else (c, 1)), BLOCK_M=BLOCK_M, BLOCK_C=block_c, RANK=rank, PRECISION=_precision(y),
-        BF16_DOT=_bf16_dot(y), num_warps=warps)
+        BF16_DOT=_bf16_dot(y), STAGES=STAGES, num_warps=warps)
     return partial.sum(0)
 
 
@@ -284,5 +281,5 @@ def lora_expand_bwd(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling:
         _expand_bwd_kernel[(column_blocks, parts)](
             dy, h, b, dh, db, m, n, r, rows, float(scaling), dy.stride(0), h.stride(0), BLOCK_M=EXPAND_BWD_BLOCK_M,
             BLOCK_N=EXPAND_BWD_BLOCK_N, RANK=rank, PRECISION=_precision(dy), BF16_DOT=_bf16_dot(dy),
-            num_warps=EXPAND_BWD_WARPS)
+            STAGES=STAGES, num_warps=EXPAND_BWD_WARPS)
         return dh.sum(0), db.sum(0)
