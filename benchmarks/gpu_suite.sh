@@ -22,6 +22,7 @@
 #   bash benchmarks/gpu_suite.sh cg-lora cg-qlora  # ab-lora / ab-qlora with inductor's CUDA graphs (cudagraph trees):
 #                                           # set beside ab-lora / ab-qlora, how much of a step is host overhead
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
+# COHERE_FX_GIT=<commit> names the tree in the records: the device's copy of the checkout has a stale .git.
 # BENCH_ARGS (e.g. "--passes layer_norm,rope") is appended to every bench command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,7 @@ mkdir -p "$site/cohere_fx-0.1.0.dist-info"
 printf 'Metadata-Version: 2.1\nName: cohere_fx\nVersion: 0.1.0\n' >"$site/cohere_fx-0.1.0.dist-info/METADATA"
 printf '[torch_dynamo_backends]\ncohere_fx = cohere_fx.backend:cohere_fx\n' >"$site/cohere_fx-0.1.0.dist-info/entry_points.txt"
 export PYTHONPATH="$PWD:$site:${PYTHONPATH:-}"
+[ -n "${COHERE_FX_GIT:-}" ] || echo "COHERE_FX_GIT is not set: the records' git field will name the device's stale .git"
 python - <<'PY'
 import torch, triton, transformers
 print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,

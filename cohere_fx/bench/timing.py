@@ -6,6 +6,7 @@ compiled system it holds the compile, which is reported as such and kept out of 
 """
 import datetime
 import gc
+import os
 import platform
 import subprocess
 import sys
@@ -67,6 +68,10 @@ def _version(module: str):
 
 
 def _git_revision():
+    """The tree that ran: COHERE_FX_GIT where set (the device machine's copy of the checkout carries a stale .git,
+    so its ``git describe`` names an old commit: give it the checkout's ``git rev-parse --short HEAD``)."""
+    if os.environ.get("COHERE_FX_GIT"):
+        return os.environ["COHERE_FX_GIT"]
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None
