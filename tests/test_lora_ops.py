@@ -100,6 +100,20 @@ def test_expand_backward_across_partitions(r):
     assert rel_err(dh, g @ b.double()) < 1e-6 and rel_err(db, g.t() @ h.double()) < 1e-6
 
 
+@pytest.mark.parametrize("r", [16, 80])
+def test_shrink_backward_across_column_chunks(r):
+    """lora_shrink's backward where each program walks several column tiles of A and the columns are cut into
+    chunks, the last one ragged (600 columns)."""
+    torch.manual_seed(r)
+    m, k = 64, 600
+    x, a = torch.randn(m, k, device=DEVICE).bfloat16(), torch.randn(r, k, device=DEVICE) / k ** 0.5
+    dh = torch.randn(m, r, device=DEVICE)
+    dx, da = lora_shrink_bwd(dh, x, a)
+    want = dh.double() @ a.double()
+    torch.testing.assert_close(dx.double(), want.bfloat16().double(), rtol=2 ** -8, atol=2 ** -8 * want.abs().max())
+    assert rel_err(da, dh.double().t() @ x.double()) < 1e-6
+
+
 def test_opcheck_and_refusals():
     x, a, b, base = (t.detach() for t in layer_inputs(8, 32, 4, 24))
     torch.library.opcheck(ops.lora_shrink, (x.requires_grad_(), a.requires_grad_()))

@@ -49,7 +49,8 @@ BLOCK_M = 64  # tiles (with _tiles): not yet swept on a GPU
 EXPAND_BWD_BLOCK_N = 256
 EXPAND_BWD_BLOCK_M = 64
 EXPAND_BWD_WARPS = 4
-STAGES = 2  # software-pipelining depth of the row loops (_row_sum_kernel, _expand_bwd_kernel)
+STAGES = 2  # software-pipelining depth of the loops over rows (_row_sum_kernel, _expand_bwd_kernel) or columns
+SHRINK_DX_PERSISTENT = True  # _shrink_dx_kernel's grid (lora_shrink_bwd); False: one [BLOCK_M, block_k] tile a program
 FUSED_BWD_MAX_RANK = 32
 
 
@@ -92,17 +93,20 @@ def _shrink_fwd_kernel(X, A, PART, M, R, stride_xm, K: tl.constexpr, K_CHUNK: tl
 
 
 @triton.jit
-def _shrink_dx_kernel(DH, A, DX, M, R, stride_dhm, stride_dxm, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr):
-    """dx[M, K] = dh[M, R] @ A[R, K], rounded to dx's dtype (PEFT's cast of x to fp32, differentiated)."""
+def _shrink_dx_kernel(DH, A, DX, M, R, k_chunk, stride_dhm, stride_dxm, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
+    """dx[M, K] = dh[M, R] @ A[R, K], rounded to dx's dtype (PEFT's cast of x to fp32, differentiated): a program
+    holds BLOCK_M rows of dh and walks k_chunk columns of A (pipelined), writing dx tile by tile."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, RANK)
     dh = tl.load(DH + rm[:, None] * stride_dhm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-    a = tl.load(A + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
-    dx = tl.dot(dh, a, input_precision=PRECISION)
-    tl.store(DX + rm[:, None] * stride_dxm + rk[None, :], dx.to(DX.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rk[None, :] < K))
+    k_end = tl.minimum(tl.program_id(1) * k_chunk + k_chunk, K)
+    for k0 in tl.range(tl.program_id(1) * k_chunk, k_end, BLOCK_K, num_stages=STAGES):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(A + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < k_end), other=0.0)
+        dx = tl.dot(dh, a, input_precision=PRECISION)
+        tl.store(DX + rm[:, None] * stride_dxm + rk[None, :], dx.to(DX.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rk[None, :] < k_end))
 
 
 @triton.jit
@@ -244,9 +248,11 @@ def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
     rank, block_k, warps = _tiles(r)
     dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
     with on_device(x):
-        _shrink_dx_kernel[(cdiv(m, BLOCK_M), cdiv(k, block_k))](
-            dh, a, dx, m, r, dh.stride(0), dx.stride(0), K=k, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
-            PRECISION=_fp32_precision(x), num_warps=warps)
+        # SHRINK_DX_PERSISTENT: a few programs per SM, each loading its rows of dh once; else one tile each
+        chunk = _partitions(cdiv(m, BLOCK_M), k, block_k, x)[1] if SHRINK_DX_PERSISTENT else block_k
+        _shrink_dx_kernel[(cdiv(m, BLOCK_M), cdiv(k, chunk))](
+            dh, a, dx, m, r, chunk, dh.stride(0), dx.stride(0), K=k, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
+            PRECISION=_fp32_precision(x), STAGES=STAGES, num_warps=warps)
         return dx, _row_sum(dh, x, 1.0)
 
 
