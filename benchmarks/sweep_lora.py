@@ -4,7 +4,8 @@ that ~256 MB stream from HBM per replay, as in a training step.
 - expand: lora_expand's one-pass backward (``_expand_bwd_kernel``), rank 16, dy [4096, N] bf16 for N = 14336 (gate,
   up), 4096 (q, o, down), 1024 (k, v), beside the two passes it replaces; GB/s of dy.
 - shrink: lora_shrink's backward (dx = dh @ A and dA), x [4096, K] bf16: K = 4096 at rank 80 (lora_shared_input's
-  q/k/v/gate/up) and 16 (o), K = 14336 at rank 16 (down); GB/s of x read and dx written.
+  q/k/v/gate/up) and 16 (o), K = 14336 at rank 16 (down); GB/s of x read and dx written; then dx alone
+  (``shrink_dx``, GB/s of dx written) and dA alone (``_row_sum``, GB/s of x read).
 
     python benchmarks/sweep_lora.py [expand] [shrink]    # both by default; us per call and GB/s per config and shape
 """
@@ -46,9 +47,11 @@ def shrink_cases():
         torch.manual_seed(k + r)
         x, a = torch.randn(M, k, device="cuda").bfloat16(), torch.randn(r, k, device="cuda") / k ** 0.5
         dh = torch.randn(M, r, device="cuda")
-        want = ((dh.double() @ a.double(), 2 ** -7), (dh.double().t() @ x.double(), 1e-5))  # dx rounded to bf16
-        cases[f"K{k:5d} r{r:2d}"] = (copies_of(x), (a,), want, lambda x, a, dh=dh: lora.lora_shrink_bwd(dh, x, a),
-                                     x.numel() * 4)
+        dx, da = (dh.double() @ a.double(), 2 ** -7), (dh.double().t() @ x.double(), 1e-5)  # dx rounded to bf16
+        name, nbytes = f"K{k:5d} r{r:2d}", x.numel() * 2
+        cases[name] = (copies_of(x), (a,), (dx, da), lambda x, a, dh=dh: lora.lora_shrink_bwd(dh, x, a), 2 * nbytes)
+        cases[f"{name} dx"] = (copies_of(x), (a,), (dx,), lambda x, a, dh=dh: (lora.shrink_dx(dh, x, a),), nbytes)
+        cases[f"{name} dA"] = (copies_of(x), (a,), (da,), lambda x, a, dh=dh: (lora._row_sum(dh, x, 1.0),), nbytes)
     return cases
 
 

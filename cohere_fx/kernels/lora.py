@@ -242,18 +242,24 @@ def lora_shrink_fwd(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return partial.sum(0)
 
 
-def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
-    """(dx in x's dtype, dA fp32 [R, K]) of lora_shrink_fwd."""
+def shrink_dx(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """dh [M, R] fp32 @ A [R, K] fp32 -> dx [M, K] in x's dtype: x's gradient in lora_shrink's backward."""
     (m, k), r = x.shape, a.shape[0]
     rank, block_k, warps = _tiles(r)
     dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    # SHRINK_DX_PERSISTENT: a few programs per SM, each loading its rows of dh once; else one tile each
+    chunk = _partitions(cdiv(m, BLOCK_M), k, block_k, x)[1] if SHRINK_DX_PERSISTENT else block_k
     with on_device(x):
-        # SHRINK_DX_PERSISTENT: a few programs per SM, each loading its rows of dh once; else one tile each
-        chunk = _partitions(cdiv(m, BLOCK_M), k, block_k, x)[1] if SHRINK_DX_PERSISTENT else block_k
         _shrink_dx_kernel[(cdiv(m, BLOCK_M), cdiv(k, chunk))](
             dh, a, dx, m, r, chunk, dh.stride(0), dx.stride(0), K=k, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
             PRECISION=_fp32_precision(x), STAGES=STAGES, num_warps=warps)
-        return dx, _row_sum(dh, x, 1.0)
+    return dx
+
+
+def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
+    """(dx in x's dtype, dA fp32 [R, K]) of lora_shrink_fwd."""
+    with on_device(x):
+        return shrink_dx(dh, x, a), _row_sum(dh, x, 1.0)
 
 
 def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
