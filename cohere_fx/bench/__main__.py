@@ -16,7 +16,7 @@ import sys
 
 # Per subcommand: the anchors' workloads and repetitions, and the --smoke replacements.
 DEFAULTS = {
-    "train": dict(batch=2, seq=2048, iters=5, warmup=2),
+    "train": dict(batch=2, seq=2048, iters=20, warmup=3),  # a step is ~0.1 s: enough calls for a steady median
     "prefill": dict(batch=4, seq=2048, iters=10, warmup=3),
     "decode": dict(batch=[1], prompt=512, new=128, iters=3, warmup=1),
     "kernels": dict(batch=4, seq=2048, iters=50, warmup=5),
