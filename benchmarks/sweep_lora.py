@@ -51,7 +51,8 @@ def shrink_cases():
         name, nbytes = f"K{k:5d} r{r:2d}", x.numel() * 2
         cases[name] = (copies_of(x), (a,), (dx, da), lambda x, a, dh=dh: lora.lora_shrink_bwd(dh, x, a), 2 * nbytes)
         cases[f"{name} dx"] = (copies_of(x), (a,), (dx,), lambda x, a, dh=dh: (lora.shrink_dx(dh, x, a),), nbytes)
-        cases[f"{name} dA"] = (copies_of(x), (a,), (da,), lambda x, a, dh=dh: (lora._row_sum(dh, x, 1.0),), nbytes)
+        cases[f"{name} dA"] = (copies_of(x), (a,), (da,),
+                               lambda x, a, dh=dh: (lora._row_sum(dh, x, 1.0, lora.SHRINK_BWD_STAGES),), nbytes)
     return cases
 
 
@@ -77,10 +78,10 @@ if "expand" in sections:
     lora.FUSED_BWD_MAX_RANK = fused_max
     for block_n, block_m, warps, stages in itertools.product([128, 256], [32, 64], [4, 8], [1, 2, 3]):
         lora.EXPAND_BWD_BLOCK_N, lora.EXPAND_BWD_BLOCK_M, lora.EXPAND_BWD_WARPS = block_n, block_m, warps
-        lora.STAGES = stages
+        lora.EXPAND_BWD_STAGES = stages
         row(f"one pass BLOCK_N {block_n:3d} BLOCK_M {block_m:2d} warps {warps} stages {stages}", cases)
 if "shrink" in sections:
     cases = shrink_cases()
     for persistent, stages in itertools.product([False, True], [1, 2, 3]):
-        lora.SHRINK_DX_PERSISTENT, lora.STAGES = persistent, stages
+        lora.SHRINK_DX_PERSISTENT, lora.SHRINK_BWD_STAGES = persistent, stages
         row(f"shrink backward, dx {'persistent' if persistent else 'one tile a program'} stages {stages}", cases)

@@ -49,9 +49,14 @@ BLOCK_M = 64  # tiles (with _tiles): not yet swept on a GPU
 EXPAND_BWD_BLOCK_N = 256
 EXPAND_BWD_BLOCK_M = 64
 EXPAND_BWD_WARPS = 4
-STAGES = 2  # software-pipelining depth of the loops over rows (_row_sum_kernel, _expand_bwd_kernel) or columns
-SHRINK_DX_PERSISTENT = True  # _shrink_dx_kernel's grid (lora_shrink_bwd); False: one [BLOCK_M, block_k] tile a program
 FUSED_BWD_MAX_RANK = 32
+# Software-pipelining depth of the kernels' loops (over rows, or over A's columns in _shrink_dx_kernel), per
+# backward: lora_expand's (one pass, or two _row_sum passes above FUSED_BWD_MAX_RANK) and lora_shrink's (shrink_dx and
+# the _row_sum for dA), each the best of 1-3 in its H100 sweep (sweep-lora-h100-20261206T0637.txt,
+# sweep-lora-shrink-h100-20261206T0653.txt).
+EXPAND_BWD_STAGES = 2
+SHRINK_BWD_STAGES = 3
+SHRINK_DX_PERSISTENT = True  # _shrink_dx_kernel's grid (lora_shrink_bwd); False: one [BLOCK_M, block_k] tile a program
 
 
 @triton.jit
@@ -215,7 +220,7 @@ def _bf16_dot(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype == torch.bfloat16
 
 
-def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, transposed: bool = False) -> torch.Tensor:
+def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, stages: int, transposed: bool = False) -> torch.Tensor:
     """(w.T @ y) * scaling, a sum over the rows, split into partitions: fp32 [R, C], or its transpose [C, R]
     (contiguous, written so by the kernel: no transposing copy)."""
     (m, c), r = y.shape, w.shape[1]
@@ -225,7 +230,7 @@ def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, transposed: bool 
     _row_sum_kernel[(cdiv(c, block_c), parts)](
         w, y, partial, m, r, c, rows, float(scaling), w.stride(0), y.stride(0), y.stride(1),
         *((1, r) if transposed else (c, 1)), BLOCK_M=BLOCK_M, BLOCK_C=block_c, RANK=rank, PRECISION=_precision(y),
-        BF16_DOT=_bf16_dot(y), STAGES=STAGES, num_warps=warps)
+        BF16_DOT=_bf16_dot(y), STAGES=stages, num_warps=warps)
     return partial.sum(0)
 
 
@@ -252,14 +257,14 @@ def shrink_dx(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tenso
     with on_device(x):
         _shrink_dx_kernel[(cdiv(m, BLOCK_M), cdiv(k, chunk))](
             dh, a, dx, m, r, chunk, dh.stride(0), dx.stride(0), K=k, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
-            PRECISION=_fp32_precision(x), STAGES=STAGES, num_warps=warps)
+            PRECISION=_fp32_precision(x), STAGES=SHRINK_BWD_STAGES, num_warps=warps)
     return dx
 
 
 def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
     """(dx in x's dtype, dA fp32 [R, K]) of lora_shrink_fwd."""
     with on_device(x):
-        return shrink_dx(dh, x, a), _row_sum(dh, x, 1.0)
+        return shrink_dx(dh, x, a), _row_sum(dh, x, 1.0, SHRINK_BWD_STAGES)
 
 
 def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -284,7 +289,8 @@ def lora_expand_bwd(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling:
     rank = _tiles(r)[0]
     with on_device(dy):
         if rank > FUSED_BWD_MAX_RANK:
-            return _row_sum(b, dy.t(), scaling, True), _row_sum(h, dy, scaling, True)
+            return (_row_sum(b, dy.t(), scaling, EXPAND_BWD_STAGES, True),
+                    _row_sum(h, dy, scaling, EXPAND_BWD_STAGES, True))
         column_blocks = cdiv(n, EXPAND_BWD_BLOCK_N)
         # dB's partial sums (parts x [N, rank] fp32) kept within an eighth of dy's bytes
         parts, rows = _partitions(column_blocks, m, EXPAND_BWD_BLOCK_M, dy, most=max(1, m // (16 * rank)))
@@ -293,5 +299,5 @@ def lora_expand_bwd(dy: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling:
         _expand_bwd_kernel[(column_blocks, parts)](
             dy, h, b, dh, db, m, n, r, rows, float(scaling), dy.stride(0), h.stride(0), BLOCK_M=EXPAND_BWD_BLOCK_M,
             BLOCK_N=EXPAND_BWD_BLOCK_N, RANK=rank, PRECISION=_precision(dy), BF16_DOT=_bf16_dot(dy),
-            STAGES=STAGES, num_warps=EXPAND_BWD_WARPS)
+            STAGES=EXPAND_BWD_STAGES, num_warps=EXPAND_BWD_WARPS)
         return dh.sum(0), db.sum(0)
