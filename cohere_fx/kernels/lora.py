@@ -56,7 +56,7 @@ FUSED_BWD_MAX_RANK = 32
 # sweep-lora-shrink-h100-20261206T0653.txt).
 EXPAND_BWD_STAGES = 2
 SHRINK_BWD_STAGES = 3
-SHRINK_DX_PERSISTENT = True  # _shrink_dx_kernel's grid (lora_shrink_bwd); False: one [BLOCK_M, block_k] tile a program
+SHRINK_DX_PERSISTENT = True  # _shrink_dx_kernel's grid (shrink_dx); False: one [BLOCK_M, block_k] tile a program
 
 
 @triton.jit
