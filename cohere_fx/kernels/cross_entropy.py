@@ -161,5 +161,5 @@ def scale_(x: torch.Tensor, scale: torch.Tensor, block: int = 4096) -> torch.Ten
     if x.numel():
         with on_device(x):
             _scale_kernel[(cdiv(x.numel(), block),)](x, scale.to(torch.float32), x.numel(), BLOCK=block,
-                                                             num_warps=8)
+                                                      num_warps=8)
     return x

@@ -263,8 +263,9 @@ def shrink_dx(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tenso
 
 def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
     """(dx in x's dtype, dA fp32 [R, K]) of lora_shrink_fwd."""
+    dx = shrink_dx(dh, x, a)
     with on_device(x):
-        return shrink_dx(dh, x, a), _row_sum(dh, x, 1.0, SHRINK_BWD_STAGES)
+        return dx, _row_sum(dh, x, 1.0, SHRINK_BWD_STAGES)
 
 
 def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
