@@ -114,6 +114,31 @@ def test_shrink_backward_across_column_chunks(r):
     assert rel_err(da, dh.double().t() @ x.double()) < 1e-6
 
 
+def assert_fp32_dots_round_the_exact_products(m, k, r, device):
+    """The fp32 x fp32 products (x's gradient dh @ A, lora_expand's h @ B.T) are the fp64 ones rounded once to bf16,
+    bar the elements whose fp32 sums fall on the other side of a rounding boundary: the dots' products must be
+    exact (a dropped part of the split leaves 2^-16 of a product and moves about one element in a hundred)."""
+    torch.manual_seed(m + r)
+    x, a = torch.randn(m, k, device=device).bfloat16(), torch.randn(r, k, device=device) / k ** 0.5
+    dh, base = torch.randn(m, r, device=device), torch.zeros(m, k, device=device).bfloat16()
+    dx = lora_shrink_bwd(dh, x, a)[0]
+    out = lora_expand_fwd(base, dh, a.t().contiguous(), 1.0, False)
+    for got in (dx, out):
+        assert (got == (dh.double() @ a.double()).bfloat16()).double().mean().item() > 0.9995
+
+
+@pytest.mark.parametrize("r", [16, 80])
+def test_fp32_dots_round_the_exact_products(r):
+    assert_fp32_dots_round_the_exact_products(128, 512, r, DEVICE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [16, 80])
+def test_cuda_fp32_dots_round_the_exact_products(r):
+    """The same at r7b's widths on a GPU (bf16 tensor-core dots of the split parts)."""
+    assert_fp32_dots_round_the_exact_products(4096, 4096, r, "cuda")
+
+
 def test_opcheck_and_refusals():
     x, a, b, base = (t.detach() for t in layer_inputs(8, 32, 4, 24))
     torch.library.opcheck(ops.lora_shrink, (x.requires_grad_(), a.requires_grad_()))

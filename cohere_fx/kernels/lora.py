@@ -20,11 +20,13 @@ fp32 in another order.
   fp32 copy of the tile (bf16 and fp16 values are tf32-representable; the interpreter's fp32 dot is exact). With
   tf32x3 dots on ``dy.float() * scaling`` the three gradient passes took 9.1 ms of a 94.2 ms H100 LoRA step
   (benchmarks/results/train-lora-r7b-8L-20261206T042915Z.json).
-- fp32 x fp32 products with the rank as their short side (``h @ B.T``, ``dh @ A``) run on the tensor cores as
-  tf32x3: Triton splits each fp32 operand into a tf32 part and a tf32 remainder and sums three products, leaving
-  ~2^-22 relative error per product, the size of fp32 rounding itself (IEEE dots under the interpreter). As IEEE
-  dots (CUDA-core FMAs) ``dh @ A`` alone took 31 ms of a 125 ms H100 LoRA step
-  (benchmarks/results/train-lora-r7b-8L-20261206T031500Z.json).
+- fp32 x fp32 products with the rank as their short side (``h @ B.T``, ``dh @ A``) run on the tensor cores as six
+  bf16 dots: both operands are split into three exact bf16 parts (``_parts``) and the six partial products whose
+  parts' orders sum to at most 4 are added (``_parts_dot``); the three left out are each below 2^-24 of the
+  product, the size of fp32 rounding itself (the parts as fp32 IEEE dots under the interpreter). As IEEE dots
+  (CUDA-core FMAs) ``dh @ A`` alone took 31 ms of a 125 ms H100 LoRA step
+  (benchmarks/results/train-lora-r7b-8L-20261206T031500Z.json); as Triton's tf32x3 (~2^-22 per product) it ran at
+  half the speed of the bf16 parts (SPLIT_FP32_DOTS).
 - Rounding points are PEFT's: ``(h @ B.T) * scaling`` is rounded in fp32, added to the base in fp32 and rounded
   once to its dtype (bitsandbytes' 4-bit layers round the update to the dtype before the add: ``ROUND_UPDATE``).
   PEFT's output gradient is ``dy.float() * scaling``; here the scaling multiplies the fp32 sums instead (the same
@@ -57,6 +59,20 @@ FUSED_BWD_MAX_RANK = 32
 EXPAND_BWD_STAGES = 2
 SHRINK_BWD_STAGES = 3
 SHRINK_DX_PERSISTENT = True  # _shrink_dx_kernel's grid (shrink_dx); False: one [BLOCK_M, block_k] tile a program
+# The fp32 x fp32 dots (shrink_dx's dh @ A, _expand_fwd_kernel's h @ B.T): six bf16 dots of exact three-part splits
+# of both operands (_parts_dot), or Triton's tf32x3 (a tf32 wgmma reads both operands from shared memory; a bf16 one
+# takes the row operand's parts from registers). shrink_dx at rank 16 on an H100: 15.5 / 53.8 us against tf32x3's
+# 32.0 / 111.1 us (K 4096 / 14336, sweep-lora-tiles-h100-20261206T0830.txt).
+SPLIT_FP32_DOTS = True
+# lora_shrink's backward above rank 32 (lora_shared_input's five A matrices, rank 80 padded to 128): (BLOCK_M,
+# BLOCK_K, warps) of shrink_dx and (BLOCK_M, BLOCK_C, warps) of dA's _row_sum, the best of their H100 sweeps
+# (sweep-lora-tiles-h100-20261206T0830.txt: dx 184.5 -> 84.1 us, dA 60.2 -> 38.6 us)
+WIDE_DX_TILE = (128, 64, 8)
+WIDE_DA_TILE = (32, 128, 8)
+# (BLOCK_M, BLOCK_K, warps) of lora_shrink's forward at every rank, the best of its H100 sweep
+# (sweep-lora-fwd-h100-20261206T0837.txt: x [4096, 4096] at rank 80 107.6 -> 52.5 us; rank 16 at K 4096 and 14336
+# 20.0 -> 18.0 and 57.2 -> 48.8 us)
+SHRINK_FWD_TILE = (64, 64, 4)
 
 
 @triton.jit
@@ -80,6 +96,33 @@ def _exact_dot(lhs, rhs, acc, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr, 
 
 
 @triton.jit
+def _parts(v):
+    """Three bf16-representable parts that sum to the fp32 v exactly (each rounds what the ones before it leave)."""
+    p1 = v.to(tl.bfloat16)
+    rest = v - p1.to(tl.float32)
+    p2 = rest.to(tl.bfloat16)
+    return p1, p2, (rest - p2.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _as_factor(part, BF16_DOT: tl.constexpr):
+    return part if BF16_DOT else part.to(tl.float32)
+
+
+@triton.jit
+def _parts_dot(l1, l2, l3, r1, r2, r3, acc, PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
+    """acc + lhs @ rhs for two fp32 operands given as their _parts: the six partial products whose parts' orders sum
+    to at most 4, smallest first; the three left out are each below 2^-24 of the product (fp32 rounding's size).
+    BF16_DOT: the parts are multiplied as bf16 (exact products, fp32 sums); otherwise as fp32 at PRECISION."""
+    acc = tl.dot(_as_factor(l3, BF16_DOT), _as_factor(r1, BF16_DOT), acc, input_precision=PRECISION)
+    acc = tl.dot(_as_factor(l2, BF16_DOT), _as_factor(r2, BF16_DOT), acc, input_precision=PRECISION)
+    acc = tl.dot(_as_factor(l1, BF16_DOT), _as_factor(r3, BF16_DOT), acc, input_precision=PRECISION)
+    acc = tl.dot(_as_factor(l2, BF16_DOT), _as_factor(r1, BF16_DOT), acc, input_precision=PRECISION)
+    acc = tl.dot(_as_factor(l1, BF16_DOT), _as_factor(r2, BF16_DOT), acc, input_precision=PRECISION)
+    return tl.dot(_as_factor(l1, BF16_DOT), _as_factor(r1, BF16_DOT), acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _shrink_fwd_kernel(X, A, PART, M, R, stride_xm, K: tl.constexpr, K_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
     """PART[s, M, R] = x[M, chunk s of K] @ A[R, chunk s of K].T, summed over s afterwards: a program owns
@@ -99,17 +142,26 @@ def _shrink_fwd_kernel(X, A, PART, M, R, stride_xm, K: tl.constexpr, K_CHUNK: tl
 
 @triton.jit
 def _shrink_dx_kernel(DH, A, DX, M, R, k_chunk, stride_dhm, stride_dxm, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
+                      BLOCK_K: tl.constexpr, RANK: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
+                      SPLIT: tl.constexpr, BF16_DOT: tl.constexpr):
     """dx[M, K] = dh[M, R] @ A[R, K], rounded to dx's dtype (PEFT's cast of x to fp32, differentiated): a program
-    holds BLOCK_M rows of dh and walks k_chunk columns of A (pipelined), writing dx tile by tile."""
+    holds BLOCK_M rows of dh (SPLIT: as their _parts, split once) and walks k_chunk columns of A (pipelined),
+    writing dx tile by tile."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, RANK)
     dh = tl.load(DH + rm[:, None] * stride_dhm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    if SPLIT:
+        dh1, dh2, dh3 = _parts(dh)
     k_end = tl.minimum(tl.program_id(1) * k_chunk + k_chunk, K)
     for k0 in tl.range(tl.program_id(1) * k_chunk, k_end, BLOCK_K, num_stages=STAGES):
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(A + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < k_end), other=0.0)
-        dx = tl.dot(dh, a, input_precision=PRECISION)
+        if SPLIT:
+            a1, a2, a3 = _parts(a)
+            dx = _parts_dot(dh1, dh2, dh3, a1, a2, a3, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PRECISION,
+                            BF16_DOT)
+        else:
+            dx = tl.dot(dh, a, input_precision=PRECISION)
         tl.store(DX + rm[:, None] * stride_dxm + rk[None, :], dx.to(DX.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rk[None, :] < k_end))
 
@@ -171,14 +223,22 @@ def _expand_bwd_kernel(DY, H, B, DH_PART, DB_PART, M, N, R, rows, scaling, strid
 @triton.jit
 def _expand_fwd_kernel(BASE, H, B, OUT, M, N, R, scaling, stride_bm, stride_hm, stride_om, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, RANK: tl.constexpr, ROUND_UPDATE: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """out[M, N] = round(base + round?((h @ B.T) * scaling)), the fp32 math of PEFT's LoRA layer."""
+                       PRECISION: tl.constexpr, SPLIT: tl.constexpr, BF16_DOT: tl.constexpr):
+    """out[M, N] = round(base + round?((h @ B.T) * scaling)), the fp32 math of PEFT's LoRA layer (SPLIT: h @ B.T
+    as _parts_dot)."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, RANK)
     h = tl.load(H + rm[:, None] * stride_hm + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
     b_t = tl.load(B + rn[None, :] * R + rr[:, None], mask=(rn[None, :] < N) & (rr[:, None] < R), other=0.0)
-    update = tl.dot(h, b_t, input_precision=PRECISION) * scaling
+    if SPLIT:
+        h1, h2, h3 = _parts(h)
+        b1, b2, b3 = _parts(b_t)
+        update = _parts_dot(h1, h2, h3, b1, b2, b3, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION,
+                            BF16_DOT)
+    else:
+        update = tl.dot(h, b_t, input_precision=PRECISION)
+    update = update * scaling
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     base = tl.load(BASE + rm[:, None] * stride_bm + rn[None, :], mask=mask, other=0.0)
     dtype = OUT.dtype.element_ty
@@ -209,9 +269,10 @@ def _precision(t: torch.Tensor) -> str:
     return "tf32" if t.is_cuda else "ieee"  # the interpreter's fp32 dot is exact already
 
 
-def _fp32_precision(t: torch.Tensor) -> str:
-    """For fp32 x fp32 products: tf32x3 on the tensor cores, not CUDA-core FMAs (module docstring)."""
-    return "tf32x3" if t.is_cuda else "ieee"
+def _fp32_dot_precision(t: torch.Tensor) -> str:
+    """For fp32 x fp32 products: tf32x3 on the tensor cores, not CUDA-core FMAs (module docstring), unless they are
+    split into bf16 parts (SPLIT_FP32_DOTS)."""
+    return _precision(t) if SPLIT_FP32_DOTS else "tf32x3" if t.is_cuda else "ieee"
 
 
 def _bf16_dot(t: torch.Tensor) -> bool:
@@ -220,16 +281,18 @@ def _bf16_dot(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype == torch.bfloat16
 
 
-def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, stages: int, transposed: bool = False) -> torch.Tensor:
+def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, stages: int, transposed: bool = False,
+             tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """(w.T @ y) * scaling, a sum over the rows, split into partitions: fp32 [R, C], or its transpose [C, R]
-    (contiguous, written so by the kernel: no transposing copy)."""
+    (contiguous, written so by the kernel: no transposing copy). tile: (BLOCK_M, BLOCK_C, warps), else _tiles'."""
     (m, c), r = y.shape, w.shape[1]
     rank, block_c, warps = _tiles(r)
-    parts, rows = _partitions(cdiv(c, block_c), m, BLOCK_M, y)
+    block_m, block_c, warps = tile or (BLOCK_M, block_c, warps)
+    parts, rows = _partitions(cdiv(c, block_c), m, block_m, y)
     partial = torch.empty((parts, c, r) if transposed else (parts, r, c), dtype=torch.float32, device=y.device)
     _row_sum_kernel[(cdiv(c, block_c), parts)](
         w, y, partial, m, r, c, rows, float(scaling), w.stride(0), y.stride(0), y.stride(1),
-        *((1, r) if transposed else (c, 1)), BLOCK_M=BLOCK_M, BLOCK_C=block_c, RANK=rank, PRECISION=_precision(y),
+        *((1, r) if transposed else (c, 1)), BLOCK_M=block_m, BLOCK_C=block_c, RANK=rank, PRECISION=_precision(y),
         BF16_DOT=_bf16_dot(y), STAGES=stages, num_warps=warps)
     return partial.sum(0)
 
@@ -237,12 +300,13 @@ def _row_sum(w: torch.Tensor, y: torch.Tensor, scaling: float, stages: int, tran
 def lora_shrink_fwd(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x [M, K] (bf16/fp16), A [R, K] fp32 -> x.to(fp32) @ A.T, fp32 [M, R]."""
     (m, k), r = x.shape, a.shape[0]
-    rank, block_k, warps = _tiles(r)
-    parts, chunk = _partitions(cdiv(m, BLOCK_M), k, block_k, x)
+    rank = _tiles(r)[0]
+    block_m, block_k, warps = SHRINK_FWD_TILE
+    parts, chunk = _partitions(cdiv(m, block_m), k, block_k, x)
     partial = torch.empty((parts, m, r), dtype=torch.float32, device=x.device)
     with on_device(x):
-        _shrink_fwd_kernel[(cdiv(m, BLOCK_M), parts)](
-            x, a, partial, m, r, x.stride(0), K=k, K_CHUNK=chunk, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
+        _shrink_fwd_kernel[(cdiv(m, block_m), parts)](
+            x, a, partial, m, r, x.stride(0), K=k, K_CHUNK=chunk, BLOCK_M=block_m, BLOCK_K=block_k, RANK=rank,
             PRECISION=_precision(x), BF16_DOT=_bf16_dot(x), num_warps=warps)
     return partial.sum(0)
 
@@ -251,13 +315,15 @@ def shrink_dx(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tenso
     """dh [M, R] fp32 @ A [R, K] fp32 -> dx [M, K] in x's dtype: x's gradient in lora_shrink's backward."""
     (m, k), r = x.shape, a.shape[0]
     rank, block_k, warps = _tiles(r)
+    block_m, block_k, warps = WIDE_DX_TILE if rank > 32 else (BLOCK_M, block_k, warps)
     dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
     # SHRINK_DX_PERSISTENT: a few programs per SM, each loading its rows of dh once; else one tile each
-    chunk = _partitions(cdiv(m, BLOCK_M), k, block_k, x)[1] if SHRINK_DX_PERSISTENT else block_k
+    chunk = _partitions(cdiv(m, block_m), k, block_k, x)[1] if SHRINK_DX_PERSISTENT else block_k
     with on_device(x):
-        _shrink_dx_kernel[(cdiv(m, BLOCK_M), cdiv(k, chunk))](
-            dh, a, dx, m, r, chunk, dh.stride(0), dx.stride(0), K=k, BLOCK_M=BLOCK_M, BLOCK_K=block_k, RANK=rank,
-            PRECISION=_fp32_precision(x), STAGES=SHRINK_BWD_STAGES, num_warps=warps)
+        _shrink_dx_kernel[(cdiv(m, block_m), cdiv(k, chunk))](
+            dh, a, dx, m, r, chunk, dh.stride(0), dx.stride(0), K=k, BLOCK_M=block_m, BLOCK_K=block_k, RANK=rank,
+            PRECISION=_fp32_dot_precision(x), STAGES=SHRINK_BWD_STAGES,
+            SPLIT=SPLIT_FP32_DOTS, BF16_DOT=x.is_cuda, num_warps=warps)
     return dx
 
 
@@ -265,7 +331,7 @@ def lora_shrink_bwd(dh: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
     """(dx in x's dtype, dA fp32 [R, K]) of lora_shrink_fwd."""
     dx = shrink_dx(dh, x, a)
     with on_device(x):
-        return dx, _row_sum(dh, x, 1.0, SHRINK_BWD_STAGES)
+        return dx, _row_sum(dh, x, 1.0, SHRINK_BWD_STAGES, tile=WIDE_DA_TILE if _tiles(a.shape[0])[0] > 32 else None)
 
 
 def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -278,7 +344,8 @@ def lora_expand_fwd(base: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scalin
     with on_device(base):
         _expand_fwd_kernel[(cdiv(m, BLOCK_M), cdiv(n, block_n))](
             base, h, b, out, m, n, r, float(scaling), base.stride(0), h.stride(0), out.stride(0), BLOCK_M=BLOCK_M,
-            BLOCK_N=block_n, RANK=rank, ROUND_UPDATE=round_update, PRECISION=_fp32_precision(base), num_warps=warps)
+            BLOCK_N=block_n, RANK=rank, ROUND_UPDATE=round_update, PRECISION=_fp32_dot_precision(base),
+            SPLIT=SPLIT_FP32_DOTS, BF16_DOT=base.is_cuda, num_warps=warps)
     return out
 
 
