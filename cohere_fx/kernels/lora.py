@@ -66,7 +66,7 @@ SHRINK_DX_PERSISTENT = True  # _shrink_dx_kernel's grid (shrink_dx); False: one 
 SPLIT_FP32_DOTS = True
 # lora_shrink's backward above rank 32 (lora_shared_input's five A matrices, rank 80 padded to 128): (BLOCK_M,
 # BLOCK_K, warps) of shrink_dx and (BLOCK_M, BLOCK_C, warps) of dA's _row_sum, the best of their H100 sweeps
-# (sweep-lora-tiles-h100-20261206T0830.txt: dx 184.5 -> 84.1 us, dA 60.2 -> 38.6 us)
+# (sweep-lora-tiles-h100-20261206T0822.txt, then T0830 with the split dots: dx 184.5 -> 84.1 us, dA 60.2 -> 38.6 us)
 WIDE_DX_TILE = (128, 64, 8)
 WIDE_DA_TILE = (32, 128, 8)
 # (BLOCK_M, BLOCK_K, warps) of lora_shrink's forward at every rank, the best of its H100 sweep
