@@ -18,7 +18,6 @@
 #   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without rope_kv_write, one run each
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand
-#   bash benchmarks/gpu_suite.sh ab-nf4     # QLoRA step with and without nf4_dequantize (carry .whl)
 #   bash benchmarks/gpu_suite.sh ab-train   # full fine-tune step with and without tied_embedding_grad
 #   bash benchmarks/gpu_suite.sh cg-lora cg-qlora  # ab-lora / ab-qlora with inductor's CUDA graphs (cudagraph trees):
 #                                           # set beside ab-lora / ab-qlora, how much of a step is host overhead
@@ -51,16 +50,15 @@ each_preset() {  # the engine decode of both presets at B1 and B16; extra bench 
   done
 }
 CUDAGRAPHS='inductor_config={"triton.cudagraphs": true}'
-# A LoRA or QLoRA step ($1: lora, qlora) with and without the patterns in $2 (empty or absent: lora_shrink and
-# lora_expand); extra bench arguments follow.
-ab_lora() {
-  local mode=$1 ablate=${2:-lora_shrink,lora_expand}
-  shift 2 || shift
+ab_lora() {  # a LoRA (lora) or QLoRA (qlora) step with and without lora_shrink + lora_expand; extra arguments follow
+  local mode=$1
+  shift
   if [ "$mode" = qlora ]; then  # bitsandbytes is not on the GPU image: carry its wheel in .whl/
     python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl || return 1
   fi
   PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode "$mode" \
-    --option return_logits=false --compare cohere_fx,cohere_fx-ablated --ablate "$ablate" --out "$out" "$@"
+    --option return_logits=false --compare cohere_fx,cohere_fx-ablated --ablate lora_shrink,lora_expand \
+    --out "$out" "$@"
 }
 sweep_decode() {
   python benchmarks/sweep_decode_linear.py --out "$out" ${SWEEP_ARGS:-}
@@ -72,7 +70,7 @@ for stage in "$@"; do
     tests)   python -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_layer_norm_kernel.py tests/test_qk_norm_rope.py \
                tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py tests/test_swiglu.py \
                tests/test_parallel_residual.py tests/test_decode_runner.py tests/test_peft_lora.py tests/test_embedding.py tests/test_engine.py \
-               tests/test_decode_linear.py tests/test_rope_kv_write.py tests/test_lora_ops.py tests/test_nf4.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
+               tests/test_decode_linear.py tests/test_rope_kv_write.py tests/test_lora_ops.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
     tests-gpu) python -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests 2>&1 | tee "$out/tests-gpu.log" | tail -40 ;;
     kernels) python -m cohere_fx.bench kernels $BENCH_ARGS --out "$out" &&
              # LayerNorm at hidden 8192 ([8192, 8192]: Command R / R+ widths)
@@ -112,9 +110,8 @@ for stage in "$@"; do
                --ablate tied_embedding_grad --out "$out" ;;
     ab-lora) ab_lora lora ;;
     ab-qlora) ab_lora qlora ;;
-    ab-nf4) ab_lora qlora nf4_dequantize ;;
-    cg-lora) ab_lora lora "" --option "$CUDAGRAPHS" ;;
-    cg-qlora) ab_lora qlora "" --option "$CUDAGRAPHS" ;;
+    cg-lora) ab_lora lora --option "$CUDAGRAPHS" ;;
+    cg-qlora) ab_lora qlora --option "$CUDAGRAPHS" ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" -ne 0 ] && status=1

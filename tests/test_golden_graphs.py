@@ -63,7 +63,6 @@ scaled_cross_entropy        0
 lora_shared_input           0
 lora_shrink                 0
 lora_expand                 0
-nf4_dequantize              0
 decode_linear               4
 graph 0: 141 nodes -> 50 nodes
 graph(
@@ -160,7 +159,6 @@ scaled_cross_entropy        0
 lora_shared_input           0
 lora_shrink                 0
 lora_expand                 0
-nf4_dequantize              0
 decode_linear               4
 graph 0: 136 nodes -> 57 nodes
 graph(
@@ -258,7 +256,6 @@ scaled_cross_entropy        0
 lora_shared_input           0
 lora_shrink                 0
 lora_expand                 0
-nf4_dequantize              0
 decode_linear              13
 graph 0: 316 nodes -> 156 nodes
 graph(

@@ -15,7 +15,6 @@ from cohere_fx.ops import embedding  # noqa: F401
 from cohere_fx.ops import decode_linear  # noqa: F401
 from cohere_fx.ops import rope_kv_write  # noqa: F401
 from cohere_fx.ops import lora  # noqa: F401
-from cohere_fx.ops import nf4  # noqa: F401
 
 
 def custom_ops() -> list:

@@ -7,7 +7,6 @@ from cohere_fx.patterns import linear_cross_entropy
 from cohere_fx.patterns import lora_expand
 from cohere_fx.patterns import lora_shared_input
 from cohere_fx.patterns import lora_shrink
-from cohere_fx.patterns import nf4_dequantize
 from cohere_fx.patterns import paged_attention
 from cohere_fx.patterns import parallel_residual
 from cohere_fx.patterns import qk_norm_rope
@@ -34,7 +33,6 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     lora_shared_input.PATTERN,
     lora_shrink.PATTERN,  # after lora_shared_input: also takes its one GEMM over the A matrices
     lora_expand.PATTERN,
-    nf4_dequantize.PATTERN,  # QLoRA's bitsandbytes base layers (no variants without bitsandbytes)
     decode_linear.PATTERN,  # decode steps only (no gradient, <= 16 rows): after the fusions that read linears
 )}
 
