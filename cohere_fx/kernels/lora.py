@@ -76,28 +76,9 @@ SHRINK_FWD_TILE = (64, 64, 4)
 
 
 @triton.jit
-def _exact_dot(lhs, rhs, acc, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
-    """acc + lhs @ rhs where one operand is fp32 and the other's values are bf16- (or fp16-) representable: the fp32
-    one (rhs if SPLIT_RHS else lhs) is split into three bf16-representable parts that sum to it exactly, so that
-    every partial product is exact. BF16_DOT: the other operand is bf16 and the parts are multiplied as bf16 (the
-    tensor cores' bf16 rate, no fp32 copy of the big operand); otherwise the other operand is fp32 and the dots run
-    at PRECISION, which must keep 11 mantissa bits (tf32, ieee)."""
-    full = rhs if SPLIT_RHS else lhs
-    part = full.to(tl.bfloat16)
-    for _ in tl.static_range(3):
-        factor = part if BF16_DOT else part.to(tl.float32)
-        if SPLIT_RHS:
-            acc = tl.dot(lhs, factor, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(factor, rhs, acc, input_precision=PRECISION)
-        full = full - part.to(tl.float32)  # exact: part is full rounded to 8 significant bits
-        part = full.to(tl.bfloat16)  # the third time, full has at most 8 bits left: part == full
-    return acc
-
-
-@triton.jit
 def _parts(v):
-    """Three bf16-representable parts that sum to the fp32 v exactly (each rounds what the ones before it leave)."""
+    """Three bf16-representable parts that sum to the fp32 v exactly: each is what the ones before it leave, rounded
+    to 8 significant bits, and the third time at most 8 bits are left."""
     p1 = v.to(tl.bfloat16)
     rest = v - p1.to(tl.float32)
     p2 = rest.to(tl.bfloat16)
@@ -107,6 +88,25 @@ def _parts(v):
 @triton.jit
 def _as_factor(part, BF16_DOT: tl.constexpr):
     return part if BF16_DOT else part.to(tl.float32)
+
+
+@triton.jit
+def _exact_dot(lhs, rhs, acc, SPLIT_RHS: tl.constexpr, PRECISION: tl.constexpr, BF16_DOT: tl.constexpr):
+    """acc + lhs @ rhs where one operand is fp32 and the other's values are bf16- (or fp16-) representable: the fp32
+    one (rhs if SPLIT_RHS else lhs) is split into three bf16-representable parts that sum to it exactly, so that
+    every partial product is exact. BF16_DOT: the other operand is bf16 and the parts are multiplied as bf16 (the
+    tensor cores' bf16 rate, no fp32 copy of the big operand); otherwise the other operand is fp32 and the dots run
+    at PRECISION, which must keep 11 mantissa bits (tf32, ieee)."""
+    p1, p2, p3 = _parts(rhs if SPLIT_RHS else lhs)
+    if SPLIT_RHS:
+        acc = tl.dot(lhs, _as_factor(p1, BF16_DOT), acc, input_precision=PRECISION)
+        acc = tl.dot(lhs, _as_factor(p2, BF16_DOT), acc, input_precision=PRECISION)
+        acc = tl.dot(lhs, _as_factor(p3, BF16_DOT), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(_as_factor(p1, BF16_DOT), rhs, acc, input_precision=PRECISION)
+        acc = tl.dot(_as_factor(p2, BF16_DOT), rhs, acc, input_precision=PRECISION)
+        acc = tl.dot(_as_factor(p3, BF16_DOT), rhs, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
