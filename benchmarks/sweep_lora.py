@@ -138,7 +138,7 @@ if "fwd" in sections:
         x, a = torch.randn(M, k, device="cuda").bfloat16(), torch.randn(r, k, device="cuda") / k ** 0.5
         shapes[f"K{k:5d} r{r:2d}"] = (copies_of(x), a, x.double() @ a.double().t())
     for block_m, block_k, warps, split_k in itertools.product([16, 32, 64], [64, 128, 256], [4, 8], [True, False]):
-        cases = {name: (copies, (a,), ((want, 1e-5),),
+        cases = {name: (copies, (a,), ((want, 1e-4),),  # one fp32 sum over all of K: ~1e-5 off fp64
                         lambda x, a: run_shrink_fwd(x, a, block_m, block_k, warps, split_k), 2 * copies[0].numel())
                  for name, (copies, a, want) in shapes.items()}
         row(f"shrink forward BLOCK_M {block_m:2d} BLOCK_K {block_k:3d} warps {warps} split K {split_k:d}", cases)
