@@ -17,7 +17,8 @@
 #   bash benchmarks/gpu_suite.sh lora qlora # r7b-8L LoRA / QLoRA r16 step B2xS2048, return_logits=false (qlora: carry .whl)
 #   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without rope_kv_write, one run each
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
-#   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand
+#   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand,
+#                                           # their steps alternated (bench train --interleave)
 #   bash benchmarks/gpu_suite.sh ab-train   # full fine-tune step with and without tied_embedding_grad
 #   bash benchmarks/gpu_suite.sh cg-lora cg-qlora  # ab-lora / ab-qlora with inductor's CUDA graphs (cudagraph trees):
 #                                           # set beside ab-lora / ab-qlora, how much of a step is host overhead
@@ -60,6 +61,7 @@ ab_lora() {  # a LoRA (lora) or QLoRA (qlora) step with and without lora_shrink 
     --option return_logits=false --compare cohere_fx,cohere_fx-ablated --ablate lora_shrink,lora_expand \
     --out "$out" "$@"
 }
+INTERLEAVE=--interleave  # the ab- stages alternate the two systems' steps: the step time drifts within a run
 sweep_decode() {
   python benchmarks/sweep_decode_linear.py --out "$out" ${SWEEP_ARGS:-}
 }
@@ -107,9 +109,9 @@ for stage in "$@"; do
              PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode qlora --option return_logits=false --out "$out" ;;
     ab-decode) each_preset --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write ;;
     ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
-               --ablate tied_embedding_grad --out "$out" ;;
-    ab-lora) ab_lora lora ;;
-    ab-qlora) ab_lora qlora ;;
+               --ablate tied_embedding_grad $INTERLEAVE --out "$out" ;;
+    ab-lora) ab_lora lora $INTERLEAVE ;;
+    ab-qlora) ab_lora qlora $INTERLEAVE ;;
     cg-lora) ab_lora lora --option "$CUDAGRAPHS" ;;
     cg-qlora) ab_lora qlora --option "$CUDAGRAPHS" ;;
     *) echo "unknown stage $stage"; status=2 ;;

@@ -255,3 +255,19 @@ def test_profile_summary_groups_gemms_by_shape_and_formats():
     assert calls == {"aten::mm [[64, 32], [32, 16]]": 3, "aten::mm [[16, 32], [32, 16]]": 1}
     text = format_profile("probe", summary)
     assert text.startswith("probe: wall 2.00 ms") and text.count("GEMM") == 2
+
+
+def test_interleaved_train_alternates_compiled_systems(tmp_path):
+    """--interleave: every system compiled once and then called in alternation. Both backend systems keep their
+    one graph (no recompiles from alternating two compiled wrappers of one model), each has --iters timings."""
+    assert main(["train", "--smoke", "--interleave", "--compare", "eager,cohere_fx,cohere_fx-ablated", "--ablate",
+                 "layer_norm", "--no-inductor", "--iters", "3", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    results = json.loads(path.read_text())["cases"][0]["results"]
+    for system in ("eager", "cohere_fx", "cohere_fx-ablated"):
+        assert "error" not in results[system] and len(results[system]["ms_all"]) == 3, results[system]
+        assert "interleaved" in results[system]["timing"]
+    assert results["cohere_fx"]["graphs"] == results["cohere_fx-ablated"]["graphs"] == 1
+    assert "layer_norm" not in results["cohere_fx-ablated"]["how"]
+    with pytest.raises(SystemExit, match="--interleave"):
+        main(["train", "--smoke", "--interleave", "--profile", "--out", str(tmp_path)])

@@ -76,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int)
     t.add_argument("--seq", type=int)
     t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--interleave", action="store_true", help="compile every system, then alternate their steps "
+                   "(A/B ratios on a machine whose speed drifts; a peak counts what the others keep)")
     f = sub.add_parser("prefill", parents=[common], help="one forward pass without cache")
     f.add_argument("--batch", type=int)
     f.add_argument("--seq", type=int)
@@ -124,6 +126,8 @@ def _resolve(args):
         from cohere_fx.bench.systems import backend_options
 
         backend_options(args, "cohere_fx-ablated")  # refuses a missing or unknown --ablate before any work
+    if getattr(args, "interleave", False) and (args.profile or args.memory):
+        raise SystemExit("--interleave times the systems' steps only: --profile and --memory need a run of their own")
     if args.cmd == "kernels":
         from cohere_fx.bench.kernels import KERNELS
 

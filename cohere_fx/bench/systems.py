@@ -1,8 +1,10 @@
-"""The systems compared (eager HF, inductor, cohere_fx) and the loop that runs each one in isolation.
+"""The systems compared (eager HF, inductor, cohere_fx) and the two loops that run them.
 
-Each system starts from torch._dynamo.reset() and ends with its objects freed, so no system inherits another's
-compiled code or cached memory; a failure is recorded as that system's error and the next system still runs.
-Only the cohere_fx system touches the backend (through the torch_dynamo_backends entry point).
+``run_systems`` runs each one in isolation: it starts from torch._dynamo.reset() and ends with its objects freed,
+so no system inherits another's compiled code or cached memory. ``run_interleaved`` compiles them all and then
+alternates their calls, for A/B ratios on a machine whose speed drifts. In both, a failure is recorded as that
+system's error and the other systems still run. Only the cohere_fx systems touch the backend (through the
+torch_dynamo_backends entry point).
 """
 import json
 import sys
@@ -10,7 +12,7 @@ import traceback
 
 import torch
 
-from cohere_fx.bench.timing import free_memory
+from cohere_fx.bench.timing import free_memory, progress, time_call
 
 SYSTEMS = ("eager", "inductor", "cohere_fx", "cohere_fx-ablated", "hf-cb")
 # HF's own continuous batching (``model.generate_batch``: paged KV cache, ``paged|sdpa`` attention, its CUDA
@@ -76,6 +78,16 @@ def describe(system: str, options: dict) -> str:
     return {"eager": "HF eager (no compile)", "inductor": "torch.compile(model)"}[system]
 
 
+def _failed(e: Exception) -> dict:
+    traceback.print_exc(file=sys.stderr)
+    return {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+
+def _report(label: str, system: str, result: dict) -> None:
+    print(f"[{label}] {system}: " + (f"error: {result['error'][:200]}" if "error" in result else
+                                     f"{result['ms']:.3f} ms"), file=sys.stderr, flush=True)
+
+
 def run_systems(systems, bench_one, device: torch.device, label: str,
                 compiled=("inductor", *BACKEND_SYSTEMS)) -> dict:
     """{system: bench_one(system)} or {system: {"error": ...}} when it raised. The ``compiled`` systems also get
@@ -92,11 +104,70 @@ def run_systems(systems, bench_one, device: torch.device, label: str,
                 results[system]["graphs"] = counters["stats"]["unique_graphs"]
                 results[system]["graph_breaks"] = sum(counters["graph_break"].values())
         except Exception as e:  # noqa: BLE001 - any failure of one system is that system's result
-            traceback.print_exc(file=sys.stderr)
-            results[system] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            results[system] = _failed(e)
         torch._dynamo.reset()
         free_memory(device)
+        _report(label, system, results[system])
+    return results
+
+
+def run_interleaved(systems, make_step, device: torch.device, label: str, iters: int, warmup: int) -> dict:
+    """{system: result} as ``measure`` gives it, with the systems' calls alternated: ``make_step(system)`` builds
+    each system's call (compiled, not yet run); each is called once (its compile), then ``warmup`` rounds and
+    ``iters`` timed rounds call every system once, in an order reversed every round.
+
+    Why: on the device machines a step's time drifts by several percent within seconds (an H100 QLoRA step under
+    CUDA graphs went from 91.7 to 96.5 ms over its 20 timed calls), so systems timed one after another are timed
+    on different machines. Alternated, each round times every system within a few hundred milliseconds; the
+    ratio of their medians is the A/B. The price: all systems live at once, and a system's peak_gib counts what
+    the others keep between their calls (shared parameters, compiled constants, CUDA graph pools)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    steps, results = {}, {}
+    for system in systems:
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        try:
+            step = make_step(system)
+            first_call_s = time_call(step, device) / 1e3
+            steps[system] = step
+            results[system] = {"first_call_s": first_call_s, "ms_all": [], "peak_gib": 0.0,
+                               "timing": "eager launches, interleaved with " + ", ".join(s for s in systems
+                                                                                        if s != system)}
+            if system != "eager":
+                results[system]["graphs"] = counters["stats"]["unique_graphs"] - graphs
+                results[system]["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
+        except Exception as e:  # noqa: BLE001 - any failure of one system is that system's result
+            results[system] = _failed(e)
+        progress(f"{label}: {system} compiled", len(results), len(systems))
+    for i in range(warmup + iters):
+        for system in list(steps)[::-1 if i % 2 else 1]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            graphs = counters["stats"]["unique_graphs"]
+            try:
+                ms = time_call(steps[system], device)
+            except Exception as e:  # noqa: BLE001
+                results[system] = _failed(e)
+                del steps[system]
+                continue
+            if system != "eager":  # a recompile here (another system's guards failing this one's) shows up
+                results[system]["graphs"] += counters["stats"]["unique_graphs"] - graphs
+            if i >= warmup:
+                results[system]["ms_all"].append(ms)
+            if device.type == "cuda":
+                results[system]["peak_gib"] = max(results[system]["peak_gib"],
+                                                  torch.cuda.max_memory_allocated(device) / 2 ** 30)
+        progress(f"{label}: round {i + 1}" + (" (warm-up)" if i < warmup else ""), i + 1, warmup + iters)
+    for system in systems:
         result = results[system]
-        print(f"[{label}] {system}: " + (f"error: {result['error'][:200]}" if "error" in result else
-                                         f"{result['ms']:.3f} ms"), file=sys.stderr, flush=True)
+        if "error" not in result:
+            result["ms"] = sorted(result["ms_all"])[len(result["ms_all"]) // 2]
+            if device.type != "cuda":
+                del result["peak_gib"]
+        _report(label, system, result)
+    steps.clear()
+    torch._dynamo.reset()
+    free_memory(device)
     return results

@@ -259,6 +259,20 @@ def format_profile(label: str, prof: dict) -> str:
     return "\n".join(lines)
 
 
+def time_call(fn, device: torch.device) -> float:
+    """Milliseconds of one ``fn()``: between CUDA events on CUDA, by the host's clock elsewhere."""
+    if device.type != "cuda":
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)
+
+
 def measure(fn, device: torch.device, iters: int, warmup: int, label: str, cuda_graph: bool = False,
             profile: bool = False, memory: bool = False) -> dict:
     """Times ``fn()``: the first call apart (compile), then ``warmup`` calls, then the median of ``iters`` calls.
@@ -290,17 +304,7 @@ def measure(fn, device: torch.device, iters: int, warmup: int, label: str, cuda_
             fn, timing = replay, "cuda graph"
     times = []
     for i in range(iters):
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
+        times.append(time_call(fn, device))
         progress(f"{label}: {times[-1]:.2f} ms", 1 + warmup + 1 + i, total)
     out = {"ms": sorted(times)[len(times) // 2], "ms_all": times, "first_call_s": first_call_s, "timing": timing}
     if cuda:

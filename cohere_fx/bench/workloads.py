@@ -19,7 +19,8 @@ import time
 import torch
 
 from cohere_fx.bench.models import LORA_TARGETS, Shape, build_model, config_for, weight_bytes
-from cohere_fx.bench.systems import BACKEND_SYSTEMS, backend_options, compile_model, describe, run_systems
+from cohere_fx.bench.systems import (BACKEND_SYSTEMS, backend_options, compile_model, describe, run_interleaved,
+                                     run_systems)
 from cohere_fx.bench.timing import device_limits, measure
 
 
@@ -79,20 +80,31 @@ def train(args) -> dict:
     flops = shape.train_flops(args.batch, args.seq, full=args.mode == "full")
     limits = device_limits(args.device, args.dtype)
 
-    def bench_one(system):
-        options = backend_options(args, system)
-        compiled = compile_model(model, system, options)
+    def make_step(system):
+        compiled = compile_model(model, system, backend_options(args, system))
 
         def step():
             compiled(input_ids=x, labels=x, use_cache=False).loss.backward()
             for p in model.parameters():
                 p.grad = None
 
-        result = measure(step, args.device, args.iters, args.warmup, f"train {args.mode} {system}",
-                         profile=args.profile, memory=args.memory)
-        return {**result, **rates(flops, 0, result["ms"], limits), "how": describe(system, options)}
+        return step
 
-    results = run_systems(args.systems, bench_one, args.device, f"train {args.mode}")
+    def summary(system, result):
+        how = describe(system, backend_options(args, system))
+        return {**result, **rates(flops, 0, result["ms"], limits), "how": how}
+
+    def bench_one(system):
+        result = measure(make_step(system), args.device, args.iters, args.warmup, f"{label} {system}",
+                         profile=args.profile, memory=args.memory)
+        return summary(system, result)
+
+    label = f"train {args.mode}"
+    if args.interleave:
+        results = run_interleaved(args.systems, make_step, args.device, label, args.iters, args.warmup)
+        results = {s: r if "error" in r else summary(s, r) for s, r in results.items()}
+    else:
+        results = run_systems(args.systems, bench_one, args.device, label)
     return {"workload": f"train-{args.mode}", "model": info, "limits": limits,
             "params": {"mode": args.mode, "batch": args.batch, "seq": args.seq, "lora_r": args.lora_r
                        if args.mode != "full" else None, "flops_per_step": flops},
