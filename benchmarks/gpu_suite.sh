@@ -20,6 +20,8 @@
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand,
 #                                           # their steps alternated (bench train --interleave)
 #   bash benchmarks/gpu_suite.sh ab-train   # full fine-tune step with and without tied_embedding_grad
+#   bash benchmarks/gpu_suite.sh cg-train   # full fine-tune step, return_logits=false, with inductor's CUDA graphs, then
+#                                           # without them (two runs, one after the other)
 #   bash benchmarks/gpu_suite.sh cg-lora cg-qlora  # ab-lora / ab-qlora with inductor's CUDA graphs (cudagraph trees):
 #                                           # set beside ab-lora / ab-qlora, how much of a step is host overhead
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
@@ -110,6 +112,10 @@ for stage in "$@"; do
     ab-decode) each_preset --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write ;;
     ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
                --ablate tied_embedding_grad $INTERLEAVE --out "$out" ;;
+    cg-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx --option return_logits=false \
+               --option "$CUDAGRAPHS" --out "$out" &&
+             python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx --option return_logits=false \
+               --out "$out" ;;
     ab-lora) ab_lora lora $INTERLEAVE ;;
     ab-qlora) ab_lora qlora $INTERLEAVE ;;
     cg-lora) ab_lora lora --option "$CUDAGRAPHS" ;;
