@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernel's sweep alone: decode_linear (over 5 minutes in
 #                                           # all: SWEEP_ARGS="--groups down,head --rows 16" takes a part)
 #   bash benchmarks/gpu_suite.sh sweep-lora # lora_expand's one-pass backward: launch configs vs the two passes
+#   bash benchmarks/gpu_suite.sh sweep-paged  # paged_attention's launch configs alone
 #   bash benchmarks/gpu_suite.sh prefill    # r7b-8L prefill B4xS2048: eager, inductor, cohere_fx
 #   bash benchmarks/gpu_suite.sh train      # r7b-8L full fine-tune step B2xS2048, with logits and return_logits=false
 #   bash benchmarks/gpu_suite.sh decode     # r7b-8L decode B1, 512 prompt, 128 new (decode64: batch 64)
@@ -86,6 +87,7 @@ for stage in "$@"; do
              python benchmarks/sweep_lora.py | tee "$out/sweep-lora.txt" ;;
     sweep-decode) sweep_decode ;;
     sweep-lora) python benchmarks/sweep_lora.py | tee "$out/sweep-lora.txt" ;;
+    sweep-paged) python benchmarks/sweep_paged_attention.py | tee "$out/sweep-paged_attention.txt" ;;
     prefill) python -m cohere_fx.bench prefill $BENCH_ARGS --out "$out" ;;
     train)   python -m cohere_fx.bench train $BENCH_ARGS --mode full --out "$out" &&
              python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare inductor,cohere_fx --option return_logits=false --out "$out" ;;
