@@ -20,6 +20,9 @@
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand,
 #                                           # their steps alternated (bench train --interleave)
+#   bash benchmarks/gpu_suite.sh ab-tree    # ab-lora here, then in the tree of build/ref.tar (`git archive REF -o
+#                                           # build/ref.tar`, REF_GIT=REF): each tree's LoRA step beside its own build
+#                                           # without the LoRA ops, so the two ratios compare the trees in one call
 #   bash benchmarks/gpu_suite.sh ab-train   # full fine-tune step with and without tied_embedding_grad
 #   bash benchmarks/gpu_suite.sh cg-train   # full fine-tune step, return_logits=false, with inductor's CUDA graphs, then
 #                                           # without them (two runs, one after the other)
@@ -120,6 +123,10 @@ for stage in "$@"; do
                --out "$out" ;;
     ab-lora) ab_lora lora $INTERLEAVE ;;
     ab-qlora) ab_lora qlora $INTERLEAVE ;;
+    ab-tree) ref=/tmp/cohere_fx_ref && rm -rf "$ref" && mkdir -p "$ref" && tar -xf build/ref.tar -C "$ref" &&
+             ab_lora lora $INTERLEAVE &&
+             (here=$PWD && cd "$ref" && ln -s "$here/.whl" .whl 2>/dev/null
+              OUT="$out" COHERE_FX_GIT="${REF_GIT:-}" bash benchmarks/gpu_suite.sh ab-lora) ;;
     cg-lora) ab_lora lora --option "$CUDAGRAPHS" ;;
     cg-qlora) ab_lora qlora --option "$CUDAGRAPHS" ;;
     *) echo "unknown stage $stage"; status=2 ;;
