@@ -12,7 +12,7 @@ import traceback
 
 import torch
 
-from cohere_fx.bench.timing import free_memory, progress, time_call
+from cohere_fx.bench.timing import free_memory, median, progress, time_call
 
 SYSTEMS = ("eager", "inductor", "cohere_fx", "cohere_fx-ablated", "hf-cb")
 # HF's own continuous batching (``model.generate_batch``: paged KV cache, ``paged|sdpa`` attention, its CUDA
@@ -21,6 +21,7 @@ DECODE_ONLY = ("hf-cb",)
 # Compiled with backend="cohere_fx". cohere_fx-ablated is cohere_fx without the patterns named by --ablate: what
 # those patterns are worth, measured in the same process as cohere_fx itself.
 BACKEND_SYSTEMS = ("cohere_fx", "cohere_fx-ablated")
+COMPILED = ("inductor", *BACKEND_SYSTEMS)  # the systems whose Dynamo graphs and graph breaks are counted
 
 
 def parse_systems(text: str, workload: str) -> list:
@@ -88,8 +89,7 @@ def _report(label: str, system: str, result: dict) -> None:
                                      f"{result['ms']:.3f} ms"), file=sys.stderr, flush=True)
 
 
-def run_systems(systems, bench_one, device: torch.device, label: str,
-                compiled=("inductor", *BACKEND_SYSTEMS)) -> dict:
+def run_systems(systems, bench_one, device: torch.device, label: str, compiled=COMPILED) -> dict:
     """{system: bench_one(system)} or {system: {"error": ...}} when it raised. The ``compiled`` systems also get
     the number of graphs Dynamo compiled and of graph breaks (a decode that never reached the backend shows 0)."""
     from torch._dynamo.utils import counters
@@ -135,7 +135,7 @@ def run_interleaved(systems, make_step, device: torch.device, label: str, iters:
             results[system] = {"first_call_s": first_call_s, "ms_all": [], "peak_gib": 0.0,
                                "timing": "eager launches, interleaved with " + ", ".join(s for s in systems
                                                                                         if s != system)}
-            if system != "eager":
+            if system in COMPILED:
                 results[system]["graphs"] = counters["stats"]["unique_graphs"] - graphs
                 results[system]["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
         except Exception as e:  # noqa: BLE001 - any failure of one system is that system's result
@@ -152,7 +152,7 @@ def run_interleaved(systems, make_step, device: torch.device, label: str, iters:
                 results[system] = _failed(e)
                 del steps[system]
                 continue
-            if system != "eager":  # a recompile here (another system's guards failing this one's) shows up
+            if system in COMPILED:  # a recompile here (another system's guards failing this one's) shows up
                 results[system]["graphs"] += counters["stats"]["unique_graphs"] - graphs
             if i >= warmup:
                 results[system]["ms_all"].append(ms)
@@ -163,7 +163,7 @@ def run_interleaved(systems, make_step, device: torch.device, label: str, iters:
     for system in systems:
         result = results[system]
         if "error" not in result:
-            result["ms"] = sorted(result["ms_all"])[len(result["ms_all"]) // 2]
+            result["ms"] = median(result["ms_all"])
             if device.type != "cuda":
                 del result["peak_gib"]
         _report(label, system, result)

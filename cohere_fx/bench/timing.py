@@ -259,6 +259,11 @@ def format_profile(label: str, prof: dict) -> str:
     return "\n".join(lines)
 
 
+def median(times: list) -> float:
+    """The reported time of repeated calls: the middle one (the upper of the two middle ones for an even count)."""
+    return sorted(times)[len(times) // 2]
+
+
 def time_call(fn, device: torch.device) -> float:
     """Milliseconds of one ``fn()``: between CUDA events on CUDA, by the host's clock elsewhere."""
     if device.type != "cuda":
@@ -306,7 +311,7 @@ def measure(fn, device: torch.device, iters: int, warmup: int, label: str, cuda_
     for i in range(iters):
         times.append(time_call(fn, device))
         progress(f"{label}: {times[-1]:.2f} ms", 1 + warmup + 1 + i, total)
-    out = {"ms": sorted(times)[len(times) // 2], "ms_all": times, "first_call_s": first_call_s, "timing": timing}
+    out = {"ms": median(times), "ms_all": times, "first_call_s": first_call_s, "timing": timing}
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         if profile:

@@ -21,7 +21,7 @@ import torch
 from cohere_fx.bench.models import LORA_TARGETS, Shape, build_model, config_for, weight_bytes
 from cohere_fx.bench.systems import (BACKEND_SYSTEMS, backend_options, compile_model, describe, run_interleaved,
                                      run_systems)
-from cohere_fx.bench.timing import device_limits, measure
+from cohere_fx.bench.timing import device_limits, measure, median
 
 
 def rates(flops, nbytes, ms, limits) -> dict:
@@ -209,7 +209,7 @@ def _engine_decode(model, options, args, x) -> tuple[dict, str]:
     result = measure(run, args.device, args.iters, args.warmup, f"decode B{batch} cohere_fx engine",
                      profile=args.profile, memory=args.memory)
     if args.new > 1:
-        result["decode_tok_s"] = batch * (args.new - 1) / sorted(decode_s[-args.iters:])[args.iters // 2]
+        result["decode_tok_s"] = batch * (args.new - 1) / median(decode_s[-args.iters:])
     runner = engine.runner
     how = (f"cohere_fx.runtime.Engine(model, max_batch={batch}, max_seq_len={runner.max_seq_len}, "
            f"options={options!r}): prefill eager (SDPA), decode step compiled with backend='cohere_fx'"
