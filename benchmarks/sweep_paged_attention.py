@@ -1,7 +1,8 @@
-"""Launch-config sweep for the paged_attention decode kernel on a GPU, CUDA-graph timed: tile width, warps and
-programs per SM, at issue 5's 16 x 4096 case and at the engine's decode contexts (r7b-8L shapes, pages of 16).
+"""Launch-config sweep for the paged_attention decode kernel on a GPU, CUDA-graph timed: tile width, warps,
+programs per SM (fewer: fewer partitions to combine, longer loops per program) and pipelining stages, at issue 5's
+16 x 4096 case and at the engine's decode contexts (r7b-8L shapes, pages of 16).
 
-    python benchmarks/sweep_paged_attention.py    # prints GB/s per (TILE_N, NUM_WARPS, PROGRAMS_PER_SM) and case
+    python benchmarks/sweep_paged_attention.py    # prints GB/s per (TILE_N, NUM_WARPS, PROGRAMS_PER_SM, STAGES), case
 """
 import itertools
 
@@ -22,8 +23,8 @@ def rand(*size):
 
 
 inputs = {case: _paged_case(shape, *case, "cuda", rand) for case in CASES}
-for tile, warps, per_sm in itertools.product([32, 64, 128], [4, 8], [4, 8, 16]):
-    kernels.TILE_N, kernels.NUM_WARPS, kernels.PROGRAMS_PER_SM = tile, warps, per_sm
+for tile, warps, per_sm, stages in itertools.product([64, 128], [4, 8], [1, 2, 4, 8], [1, 2, 3]):
+    kernels.TILE_N, kernels.NUM_WARPS, kernels.PROGRAMS_PER_SM, kernels.STAGES = tile, warps, per_sm, stages
     cells = []
     for (batch, context), (args, _, reference, op) in inputs.items():
         nbytes = sum(t.numel() * t.element_size() for t in args[1:3])
@@ -33,4 +34,4 @@ for tile, warps, per_sm in itertools.product([32, 64, 128], [4, 8], [4, 8, 16]):
             cells.append(f"B{batch}x{context} {ms * 1e3:6.1f} us {nbytes / ms / 1e6:5.0f} GB/s")
         except Exception as e:  # noqa: BLE001 - a config the GPU cannot run is reported, not fatal
             cells.append(f"B{batch}x{context} {type(e).__name__}")
-    print(f"tile {tile:3d} warps {warps} per_sm {per_sm:2d}: " + " | ".join(cells), flush=True)
+    print(f"tile {tile:3d} warps {warps} per_sm {per_sm:2d} stages {stages}: " + " | ".join(cells), flush=True)

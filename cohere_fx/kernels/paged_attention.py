@@ -30,7 +30,7 @@ def _paged_attention_partial(
     qk_scale, window, num_parts,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -57,11 +57,10 @@ def _paged_attention_partial(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     table_row = table_ptr + b * stride_tb
-    # A while loop, not range(lo, hi): Triton 3.6's interpreter cannot take a runtime range bound under numpy >= 2.4
-    # (triton-lang/triton#9171). No software pipelining then; latency is hidden by several programs per SM instead,
-    # and V is loaded next to K so both requests are in flight together.
-    t0 = lo
-    while t0 < hi:
+    # Latency is hidden by several programs per SM, and V is loaded next to K so both requests are in flight
+    # together; STAGES > 1 pipelines the tiles too. (Under Triton 3.6's interpreter this runtime-bounded loop needs
+    # numpy < 2.4: triton-lang/triton#9171.)
+    for t0 in tl.range(lo, hi, TILE_N, num_stages=STAGES):
         tok = t0 + tl.arange(0, TILE_N)
         valid = tok < hi
         block = tl.load(table_row + (tok // BLOCK_SIZE) * stride_tm, mask=valid, other=0).to(tl.int64)
@@ -79,7 +78,6 @@ def _paged_attention_partial(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-        t0 += TILE_N
 
     row = b * NUM_HEADS + heads  # outputs are contiguous [B, H, (P,) D]
     if FINAL:
@@ -123,6 +121,7 @@ def _num_sms(device: torch.device) -> int:
 PROGRAMS_PER_SM = 8
 NUM_WARPS = 4
 TILE_N = None
+STAGES = 1  # software pipelining of the tile loop: 1 (none) is what the sweep above timed
 
 
 def tile_width(batch: int, kv_heads: int, max_tokens: int, device: torch.device) -> int:
@@ -171,7 +170,7 @@ def paged_attention_fwd(
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE_N=tile_n, FINAL=parts == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no tf32 rounding for fp32 caches
-        num_warps=NUM_WARPS,
+        STAGES=STAGES, num_warps=NUM_WARPS,
     )
     if parts > 1:
         _paged_attention_reduce[(batch * num_heads,)](
