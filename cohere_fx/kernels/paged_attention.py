@@ -113,15 +113,19 @@ def _paged_attention_reduce(
 
 
 def _num_sms(device: torch.device) -> int:
-    return sm_count(device) if device.type == "cuda" else 2  # the interpreter: small, enough to exercise the split
+    return sm_count(device) if device.type == "cuda" else 2  # the interpreter: small (its tests pass `parts` for splits)
 
 
 # Launch settings, swept on an H100 by benchmarks/sweep_paged_attention.py
-# (benchmarks/results/sweep-paged_attention-20261125.txt). TILE_N = None: ``tile_width`` decides.
-PROGRAMS_PER_SM = 8
+# (benchmarks/results/sweep-paged_attention-h100-20261206T1243.txt; TILE_N = None: ``tile_width`` decides): one
+# program per SM with its tile loop pipelined three deep. Against the earlier 8 unpipelined programs per SM
+# (benchmarks/results/sweep-paged_attention-20261125.txt): 16 x 640 16.3 vs 22.6 us (the r7b decode engine's
+# B16 contexts), 16 x 4096 96.7 vs 102.8 us (2.78 TB/s), 64 x 2112 189.9 vs 208.5 us; 1 x 640 (64-token tiles)
+# 5.9 vs 5.3 us.
+PROGRAMS_PER_SM = 1
 NUM_WARPS = 4
 TILE_N = None
-STAGES = 1  # software pipelining of the tile loop: 1 (none) is what the sweep above timed
+STAGES = 3
 
 
 def tile_width(batch: int, kv_heads: int, max_tokens: int, device: torch.device) -> int:
@@ -134,8 +138,9 @@ def tile_width(batch: int, kv_heads: int, max_tokens: int, device: torch.device)
 
 
 def num_partitions(batch: int, kv_heads: int, max_tokens: int, device: torch.device, tile_n: int = 64) -> int:
-    """About PROGRAMS_PER_SM (sequence, kv head, partition) programs per SM: ~3 fit at once (144 registers at
-    head_dim 128, bf16, sm_90), so several waves hide the uneven tail; never more partitions than tiles."""
+    """About PROGRAMS_PER_SM (sequence, kv head, partition) programs per SM: with the tile loop pipelined
+    (STAGES), one program per SM keeps its loads in flight, and fewer partitions leave less to combine; never more
+    partitions than tiles."""
     wanted = cdiv(PROGRAMS_PER_SM * _num_sms(device), batch * kv_heads)
     return max(1, min(wanted, cdiv(max_tokens, tile_n), 128))
 
