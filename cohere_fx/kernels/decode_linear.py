@@ -20,9 +20,10 @@ from cohere_fx.kernels import cdiv, next_power_of_2
 
 
 @triton.jit
-def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, stride_ym,
-               K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn,
+                      K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The fp32 [BLOCK_M, BLOCK_N] tile ``x[:M] @ w[n0:n0 + BLOCK_N].T`` over the whole K, before rounding."""
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -39,8 +40,19 @@ def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, str
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
         else:  # the inputs' own dtype: exact products, fp32 accumulation, half the registers of an fp32 tile
             acc += tl.dot(x, tl.trans(w))
+    return acc
+
+
+@triton.jit
+def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, stride_ym,
+               K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    acc = decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                            DOT_PRECISION, UPCAST)
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
