@@ -53,7 +53,7 @@ def main():
         fused = {}
         for config in CONFIGS:
             try:
-                out = decode_residual_fwd(residual, attn, *layers[0], config)
+                out = decode_residual_fwd(residual, attn, layers[0][0], mlp, layers[0][1], config)
             except triton.runtime.errors.OutOfResources:  # more shared memory than this GPU has: not a candidate
                 continue
             ref = ops.parallel_residual(residual, ops.decode_linear(attn, [layers[0][0]])[0],
