@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_suite.sh sweep      # launch-config sweeps: qk_norm_rope, paged_attention, decode_linear
 #   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernel's sweep alone: decode_linear (over 5 minutes in
 #                                           # all: SWEEP_ARGS="--groups down,head --rows 16" takes a part)
+#   bash benchmarks/gpu_suite.sh sweep-residual  # decode_residual's launch configs vs the three launches it replaces
 #   bash benchmarks/gpu_suite.sh sweep-lora # lora_expand's one-pass backward: launch configs vs the two passes
 #   bash benchmarks/gpu_suite.sh sweep-paged  # paged_attention's launch configs alone
 #   bash benchmarks/gpu_suite.sh prefill    # r7b-8L prefill B4xS2048: eager, inductor, cohere_fx
@@ -18,6 +19,7 @@
 #   bash benchmarks/gpu_suite.sh lora qlora # r7b-8L LoRA / QLoRA r16 step B2xS2048, return_logits=false (qlora: carry .whl)
 #   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without rope_kv_write, one run each
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
+#   bash benchmarks/gpu_suite.sh ab-residual  # the same with and without decode_residual
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand,
 #                                           # their steps alternated (bench train --interleave)
 #   bash benchmarks/gpu_suite.sh ab-tree    # ab-lora here, then in the tree of build/ref.tar (`git archive REF -o
@@ -89,6 +91,7 @@ for stage in "$@"; do
              python benchmarks/sweep_paged_attention.py | tee "$out/sweep-paged_attention.txt" && sweep_decode &&
              python benchmarks/sweep_lora.py | tee "$out/sweep-lora.txt" ;;
     sweep-decode) sweep_decode ;;
+    sweep-residual) python benchmarks/sweep_decode_residual.py --out "$out" ;;
     sweep-lora) python benchmarks/sweep_lora.py | tee "$out/sweep-lora.txt" ;;
     sweep-paged) python benchmarks/sweep_paged_attention.py | tee "$out/sweep-paged_attention.txt" ;;
     prefill) python -m cohere_fx.bench prefill $BENCH_ARGS --out "$out" ;;
@@ -115,6 +118,7 @@ for stage in "$@"; do
              python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl &&
              PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode qlora --option return_logits=false --out "$out" ;;
     ab-decode) each_preset --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write ;;
+    ab-residual) each_preset --compare cohere_fx,cohere_fx-ablated --ablate decode_residual ;;
     ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
                --ablate tied_embedding_grad $INTERLEAVE --out "$out" ;;
     cg-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx --option return_logits=false \

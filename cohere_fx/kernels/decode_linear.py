@@ -17,12 +17,16 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import cdiv, next_power_of_2
+from cohere_fx.kernels.swiglu import swiglu_value
 
 
 @triton.jit
-def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, stride_ym,
-               K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn,
+                      K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, up_ptr=None, SWIGLU: tl.constexpr = False):
+    """The fp32 [BLOCK_M, BLOCK_N] tile ``x[:M] @ w[n0:n0 + BLOCK_N].T`` over the whole K, before rounding.
+    SWIGLU: x is ``silu(x) * up`` (up laid out as x), made tile by tile and rounded to x's dtype as the swiglu
+    kernel rounds it."""
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -31,16 +35,30 @@ def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, str
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + rk) < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)
+        x_offs = rm[:, None] * stride_xm + (k0 + rk)[None, :]
+        x = tl.load(x_ptr + x_offs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if SWIGLU:
+            u = tl.load(up_ptr + x_offs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            x = swiglu_value(x.to(tl.float32), u.to(tl.float32)).to(x.dtype)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 + rk)[None, :], mask=n_mask[:, None] & k_mask[None, :],
                     other=0.0)
         if UPCAST:  # fp32 operands: exact for bf16/fp16 under tf32, and what the interpreter multiplies correctly
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=DOT_PRECISION)
         else:  # the inputs' own dtype: exact products, fp32 accumulation, half the registers of an fp32 tile
             acc += tl.dot(x, tl.trans(w))
+    return acc
+
+
+@triton.jit
+def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, stride_ym,
+               K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    acc = decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                            DOT_PRECISION, UPCAST)
+    rm = tl.arange(0, BLOCK_M)
+    rn = n0 + tl.arange(0, BLOCK_N)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from cohere_fx.kernels import runs_on_triton
 from cohere_fx.kernels.decode_linear import MAX_ROWS, MAX_WEIGHTS
 
 
-def _fits_kernel(x: Tensor, weights: list[Tensor]) -> bool:
+def fits_kernel(x: Tensor, weights: list[Tensor]) -> bool:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (runs_on_triton(x) and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and 0 < rows <= MAX_ROWS
             and len(weights) <= MAX_WEIGHTS and all(w.is_contiguous() and w.dtype == x.dtype for w in weights))
@@ -29,7 +29,7 @@ def decode_linear(x: Tensor, weights: list[Tensor]) -> list[Tensor]:
     if not weights or any(w.dim() != 2 or w.shape[1] != x.shape[-1] for w in weights):
         raise ValueError(f"decode_linear: weights [N, {x.shape[-1]}] expected, got "
                          f"{[tuple(w.shape) for w in weights]}")
-    if not _fits_kernel(x, weights):
+    if not fits_kernel(x, weights):
         return [F.linear(x, w) for w in weights]
     from cohere_fx.kernels.decode_linear import decode_linear_fwd
 

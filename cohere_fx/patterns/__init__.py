@@ -1,6 +1,7 @@
 """The registry of fusions, in the order the pipeline applies them. One file per fusion."""
 from cohere_fx.patterns import causal_attention
 from cohere_fx.patterns import decode_linear
+from cohere_fx.patterns import decode_residual
 from cohere_fx.patterns import embedding
 from cohere_fx.patterns import layer_norm
 from cohere_fx.patterns import linear_cross_entropy
@@ -34,6 +35,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     lora_shrink.PATTERN,  # after lora_shared_input: also takes its one GEMM over the A matrices
     lora_expand.PATTERN,
     decode_linear.PATTERN,  # decode steps only (no gradient, <= 16 rows): after the fusions that read linears
+    decode_residual.PATTERN,  # reads decode_linear's o and down calls and parallel_residual
 )}
 
 __all__ = ["PATTERNS", "Match", "Pattern"]
