@@ -80,7 +80,7 @@ for stage in "$@"; do
     tests)   python -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_layer_norm_kernel.py tests/test_qk_norm_rope.py \
                tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py tests/test_swiglu.py \
                tests/test_parallel_residual.py tests/test_decode_runner.py tests/test_peft_lora.py tests/test_embedding.py tests/test_engine.py \
-               tests/test_decode_linear.py tests/test_rope_kv_write.py tests/test_lora_ops.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
+               tests/test_decode_linear.py tests/test_decode_residual.py tests/test_rope_kv_write.py tests/test_lora_ops.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
     tests-gpu) python -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests 2>&1 | tee "$out/tests-gpu.log" | tail -40 ;;
     kernels) python -m cohere_fx.bench kernels $BENCH_ARGS --out "$out" &&
              # LayerNorm at hidden 8192 ([8192, 8192]: Command R / R+ widths)
