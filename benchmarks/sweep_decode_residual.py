@@ -1,7 +1,6 @@
 """decode_residual on a GPU: one launch for a decode step's ``residual + attn @ Wo.T + mlp @ Wd.T`` against the
 three launches it replaces (decode_linear for o, decode_linear for down, parallel_residual) and against cuBLAS +
-eager adds, at Command-R7B's shapes, over launch configs; then the same with the activation made inside
-(``mlp = silu(gate) * up``) against the four launches with swiglu. Each timed call streams enough layers' weights (>= 512 MB)
+eager adds, at Command-R7B's shapes, over launch configs. Each timed call streams enough layers' weights (>= 512 MB)
 that nothing is served from L2; CUDA-graph timed, so launch gaps count.
 
     python benchmarks/sweep_decode_residual.py [--out DIR] [--rows 1,16]
@@ -40,37 +39,33 @@ def main():
     layers = [(torch.randn(H, H, device=dev, dtype=dt) / H ** 0.5,
                torch.randn(H, FFN, device=dev, dtype=dt) / FFN ** 0.5) for _ in range(copies)]
     rows = []
-    for m, act in itertools.product([int(r) for r in args.rows.split(",")], [False, True]):
-        residual, attn, mlp, up = (torch.randn(m, k, device=dev, dtype=dt) for k in (H, H, FFN, FFN))
-        up = up if act else None
-
-        def mlp_input():
-            return ops.swiglu(mlp, up) if act else mlp
+    for m in [int(r) for r in args.rows.split(",")]:
+        residual, attn, mlp = (torch.randn(m, k, device=dev, dtype=dt) for k in (H, H, FFN))
 
         def per_layer(fn):
             return triton.testing.do_bench_cudagraph(lambda: [fn(wo, wd) for wo, wd in layers]) / copies
 
         times = {
-            "cublas": per_layer(lambda wo, wd: residual + attn @ wo.t() + mlp_input() @ wd.t()),
+            "cublas": per_layer(lambda wo, wd: residual + attn @ wo.t() + mlp @ wd.t()),
             "unfused": per_layer(lambda wo, wd: ops.parallel_residual(
-                residual, ops.decode_linear(attn, [wo])[0], ops.decode_linear(mlp_input(), [wd])[0])),
+                residual, ops.decode_linear(attn, [wo])[0], ops.decode_linear(mlp, [wd])[0])),
         }
         fused = {}
         for config in CONFIGS:
             try:
-                out = decode_residual_fwd(residual, attn, layers[0][0], mlp, layers[0][1], config, up)
+                out = decode_residual_fwd(residual, attn, layers[0][0], mlp, layers[0][1], config)
             except triton.runtime.errors.OutOfResources:  # more shared memory than this GPU has: not a candidate
                 continue
             ref = ops.parallel_residual(residual, ops.decode_linear(attn, [layers[0][0]])[0],
-                                        ops.decode_linear(mlp_input(), [layers[0][1]])[0])
+                                        ops.decode_linear(mlp, [layers[0][1]])[0])
             torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
-            fused[config] = per_layer(lambda wo, wd: decode_residual_fwd(residual, attn, wo, mlp, wd, config, up))
+            fused[config] = per_layer(lambda wo, wd: decode_residual_fwd(residual, attn, wo, mlp, wd, config))
         best = min(fused, key=fused.get)
         times.update({f"fused {CONFIG} (current)": fused[CONFIG], f"fused {best} (best)": fused[best]})
-        rows.append({"m": m, "swiglu": act, "bytes": nbytes, "copies": copies, "ms": times,
+        rows.append({"m": m, "bytes": nbytes, "copies": copies, "ms": times,
                      "fused_ms": {str(c): t for c, t in fused.items()}})
         rate = ", ".join(f"{k} {v * 1e3:6.1f} us ({nbytes / v / 1e6:4.0f} GB/s)" for k, v in times.items())
-        print(f"M={m:2d}{' swiglu' if act else ''}: {rate}", flush=True)
+        print(f"M={m:2d}: {rate}", flush=True)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "python benchmarks/sweep_decode_residual.py"}

@@ -1,7 +1,7 @@
 """decode_residual: the kernel (under TRITON_INTERPRET=1 on CPU) bitwise against the unfused kernels it replaces
-(swiglu, decode_linear for o and down, then the parallel residual), the op against eager math, opcheck, and the
-pattern on traced decode steps of Cohere and Cohere2 (one launch per layer, the step still equal to eager; without
-the swiglu op, the same launch without the activation; nothing in training graphs)."""
+(decode_linear for o and down, then the parallel residual), the op against eager math, opcheck, and the pattern on
+traced decode steps of Cohere and Cohere2 (one launch per layer, the step still equal to eager; nothing in
+training graphs)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,6 @@ import cohere_fx.ops  # noqa: F401
 from cohere_fx.configs import tiny_cohere2_config, tiny_cohere_config
 from cohere_fx.kernels.decode_linear import decode_linear_fwd
 from cohere_fx.kernels.decode_residual import decode_residual_fwd
-from cohere_fx.kernels.swiglu import swiglu_fwd
 from cohere_fx.passes.manager import pass_names
 from cohere_fx.runtime.decode_runner import decode_step
 from decode_steps import two_slot_step
@@ -21,11 +20,9 @@ op = torch.ops.cohere_fx.decode_residual
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernel on a GPU, the interpreter in CI
 
 
-def unfused(residual, attn, o_weight, mlp, down_weight, config=None, up=None):
-    """What the step ran before this fusion: the swiglu kernel (with up), two decode_linear launches, then
-    residual + attn + mlp as eager rounds it (the parallel_residual op is bitwise eager's)."""
-    if up is not None:
-        mlp = swiglu_fwd(mlp, up)
+def unfused(residual, attn, o_weight, mlp, down_weight, config=None):
+    """What the step ran before this fusion: two decode_linear launches, then residual + attn + mlp as eager
+    rounds it (the parallel_residual op is bitwise eager's)."""
     (o,) = decode_linear_fwd(attn, [o_weight], config)
     (down,) = decode_linear_fwd(mlp, [down_weight], config)
     return residual + o + down
@@ -40,19 +37,15 @@ def layer_tensors(rows, n, ko, kd, dtype, device=DEVICE):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 16])
-@pytest.mark.parametrize("with_up", [False, True], ids=["mlp", "swiglu"])
-def test_kernel_is_bitwise_the_unfused_kernels(dtype, rows, with_up):
+def test_kernel_is_bitwise_the_unfused_kernels(dtype, rows):
     """N = 40 is not a multiple of BLOCK_N, Ko = 96 and Kd = 160 not of BLOCK_K: every mask is exercised."""
     torch.manual_seed(0)
     tensors = layer_tensors(rows, 40, 96, 160, dtype)
-    up = torch.randn(rows, 160, dtype=dtype, device=DEVICE) if with_up else None
     config = (16, 32, 4, 1, True)
-    out = decode_residual_fwd(*tensors, config=config, up=up)
+    out = decode_residual_fwd(*tensors, config=config)
     assert out.dtype == dtype and out.shape == (rows, 40)
-    assert torch.equal(out, unfused(*tensors, config=config, up=up))
+    assert torch.equal(out, unfused(*tensors, config=config))
     residual, attn, o_weight, mlp, down_weight = (t.double() for t in tensors)
-    if with_up:
-        mlp = torch.nn.functional.silu(mlp) * up.double()
     exact = residual + attn @ o_weight.t() + mlp @ down_weight.t()
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
@@ -69,8 +62,6 @@ def test_kernel_refuses_what_it_cannot_run():
         decode_residual_fwd(residual, attn, o_weight, mlp, down_weight.double())
     with pytest.raises(ValueError, match=r"\[N, Kd\]"):
         decode_residual_fwd(residual, attn, o_weight, mlp, down_weight[:, :8].contiguous())
-    with pytest.raises(ValueError, match="up as mlp"):
-        decode_residual_fwd(residual, attn, o_weight, mlp, down_weight, up=mlp[:, :8])
 
 
 def test_op_keeps_leading_dims_falls_back_beyond_the_kernel_and_passes_opcheck():
@@ -82,10 +73,6 @@ def test_op_keeps_leading_dims_falls_back_beyond_the_kernel_and_passes_opcheck()
         assert out.shape == (*lead, 24)
         torch.testing.assert_close(out, args[0] + F.linear(args[1], o_weight) + F.linear(args[3], down_weight))
         torch.library.opcheck(op, args)
-        up = torch.randn_like(args[3])
-        torch.testing.assert_close(op(*args, up), args[0] + F.linear(args[1], o_weight)
-                                   + F.linear(F.silu(args[3]) * up, down_weight))
-        torch.library.opcheck(op, (*args, up))
     wide = layer_tensors(20, 24, 32, 48, torch.float32)  # 20 rows: a prefill, the torch reference
     torch.testing.assert_close(op(*wide), wide[0] + F.linear(wide[1], wide[2]) + F.linear(wide[3], wide[4]))
     with pytest.raises(ValueError, match="decode_residual"):
@@ -110,7 +97,7 @@ def test_decode_step_has_one_launch_per_layer_and_equals_eager(index):
     (graph,) = report.graphs
     after = graph.after.splitlines()
     assert sum("= cohere_fx.decode_residual(" in line for line in after) == layers
-    assert not any("cohere_fx.parallel_residual(" in line or "cohere_fx.swiglu(" in line for line in after)
+    assert not any("cohere_fx.parallel_residual(" in line for line in after)
     linears = [line for line in after if "= cohere_fx.decode_linear(" in line]
     assert linears and not any("o_proj" in line or "down_proj" in line for line in linears)
     pools = [p.clone() for p in bucket.view.k_pools + bucket.view.v_pools]
@@ -132,12 +119,6 @@ def test_ablated_or_without_its_inputs_nothing_is_fused():
         no_residual = cohere_fx.explain(decode_step, *args, options={"passes": ["decode_linear", "decode_residual"]})
     assert ablated.matches["parallel_residual"] == 2 and ablated.matches["decode_residual"] == 0
     assert sum("= cohere_fx.parallel_residual(" in line for line in ablated.graphs[0].after.splitlines()) == 2
-    without_swiglu_op = [n for n in pass_names() if n != "swiglu"]
-    with torch.no_grad():
-        report = cohere_fx.explain(decode_step, *args, options={"passes": without_swiglu_op})
-    assert report.matches["decode_residual"] == 2  # the launch without the activation, which inductor keeps
-    no_up = ", model.model.layers.0.mlp.down_proj.weight)"  # the call ends at down's weight: no up argument
-    assert sum(no_up in line for line in report.graphs[0].after.splitlines()) == 1
     assert no_residual.matches["decode_residual"] == 0  # the parallel residual it reads was never fused
     ids = torch.randint(0, model.config.vocab_size, (1, 3))
     training = cohere_fx.explain(model.train(), input_ids=ids, labels=ids, use_cache=False)
@@ -147,10 +128,8 @@ def test_ablated_or_without_its_inputs_nothing_is_fused():
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 16])
 def test_cuda_command_r7b_shapes_are_bitwise_the_unfused_kernels(rows):
-    """At Command-R7B's o and down shapes with the configs the step uses: the unfused swiglu and decode_linear
-    launches (tiles of this kernel's shape; only the pipelining depth differs) and eager's residual sum."""
+    """At Command-R7B's o and down shapes with the configs the step uses: the unfused decode_linear launches
+    (both SINGLE_CONFIG, this kernel's config) and eager's residual sum."""
     torch.manual_seed(0)
     tensors = layer_tensors(rows, 4096, 4096, 14336, torch.bfloat16)
     assert torch.equal(op(*tensors), unfused(*tensors))
-    up = torch.randn_like(tensors[3])
-    assert torch.equal(op(*tensors, up), unfused(*tensors, up=up))

@@ -65,7 +65,7 @@ lora_shrink                 0
 lora_expand                 0
 decode_linear               4
 decode_residual             1
-graph 0: 141 nodes -> 45 nodes
+graph 0: 141 nodes -> 46 nodes
 graph(
         view_seq_lens: i32[2],
         input_ids: i64[2, 1],
@@ -125,7 +125,8 @@ graph(
     attn_output_1: f32[2, 1, 4, 16] = transpose_6.contiguous()
     reshape_2: f32[2, 1, 64] = attn_output_1.reshape(2, 1, -1)
     attn_output_2: f32[2, 1, 64] = reshape_2.contiguous()
-    decode_residual: f32[2, 1, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.model.layers.0.self_attn.o_proj.weight, getitem_20, model.model.layers.0.mlp.down_proj.weight, getitem_21)
+    swiglu: f32[2, 1, 256] = cohere_fx.swiglu(getitem_20, getitem_21)
+    decode_residual: f32[2, 1, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.model.layers.0.self_attn.o_proj.weight, swiglu, model.model.layers.0.mlp.down_proj.weight)
     layer_norm_1: f32[2, 1, 64] = cohere_fx.layer_norm(decode_residual, model.model.norm.weight, 1e-05)
     getitem_14: f32[2, 1, 64] = layer_norm_1[:, 0:, :]
     decode_linear_3: (f32[2, 1, 128]) = cohere_fx.decode_linear(getitem_14, [model.model.embed_tokens.weight])
@@ -157,7 +158,7 @@ lora_shrink                 0
 lora_expand                 0
 decode_linear               4
 decode_residual             1
-graph 0: 136 nodes -> 52 nodes
+graph 0: 136 nodes -> 53 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -220,7 +221,8 @@ graph(
     attn_output_1: f32[2, 8, 4, 16] = transpose_4.contiguous()
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
-    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, getitem_16, model.layers.0.mlp.down_proj.weight, getitem_17)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(getitem_16, getitem_17)
+    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, swiglu, model.layers.0.mlp.down_proj.weight)
     layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual, model.norm.weight, 1e-05)
     getitem_12: f32[2, 8, 64] = layer_norm_1[:, 0:, :]
     decode_linear_3: (f32[2, 8, 128]) = cohere_fx.decode_linear(getitem_12, [model.embed_tokens.weight])
@@ -250,7 +252,7 @@ lora_shrink                 0
 lora_expand                 0
 decode_linear              13
 decode_residual             4
-graph 0: 316 nodes -> 136 nodes
+graph 0: 316 nodes -> 140 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -342,7 +344,8 @@ graph(
     attn_output_1: f32[2, 8, 4, 16] = transpose_4.contiguous()
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
-    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, getitem_40, model.layers.0.mlp.down_proj.weight, getitem_41)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(getitem_40, getitem_41)
+    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, swiglu, model.layers.0.mlp.down_proj.weight)
     layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual, model.layers.1.input_layernorm.weight, 1e-05)
     decode_linear_3: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_1, [model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight, model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight])
     getitem_44: f32[2, 8, 64] = decode_linear_3[0]
@@ -369,7 +372,8 @@ graph(
     attn_output_5: f32[2, 8, 4, 16] = transpose_8.contiguous()
     reshape_5: f32[2, 8, 64] = attn_output_5.reshape(2, 8, -1)
     attn_output_6: f32[2, 8, 64] = reshape_5.contiguous()
-    decode_residual_1: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual, attn_output_6, model.layers.1.self_attn.o_proj.weight, getitem_47, model.layers.1.mlp.down_proj.weight, getitem_48)
+    swiglu_1: f32[2, 8, 256] = cohere_fx.swiglu(getitem_47, getitem_48)
+    decode_residual_1: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual, attn_output_6, model.layers.1.self_attn.o_proj.weight, swiglu_1, model.layers.1.mlp.down_proj.weight)
     layer_norm_2: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual_1, model.layers.2.input_layernorm.weight, 1e-05)
     decode_linear_6: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_2, [model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight, model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight])
     getitem_51: f32[2, 8, 64] = decode_linear_6[0]
@@ -396,7 +400,8 @@ graph(
     attn_output_9: f32[2, 8, 4, 16] = transpose_12.contiguous()
     reshape_8: f32[2, 8, 64] = attn_output_9.reshape(2, 8, -1)
     attn_output_10: f32[2, 8, 64] = reshape_8.contiguous()
-    decode_residual_2: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_1, attn_output_10, model.layers.2.self_attn.o_proj.weight, getitem_54, model.layers.2.mlp.down_proj.weight, getitem_55)
+    swiglu_2: f32[2, 8, 256] = cohere_fx.swiglu(getitem_54, getitem_55)
+    decode_residual_2: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_1, attn_output_10, model.layers.2.self_attn.o_proj.weight, swiglu_2, model.layers.2.mlp.down_proj.weight)
     layer_norm_3: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual_2, model.layers.3.input_layernorm.weight, 1e-05)
     decode_linear_9: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_3, [model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight, model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight])
     getitem_58: f32[2, 8, 64] = decode_linear_9[0]
@@ -419,7 +424,8 @@ graph(
     attn_output_13: f32[2, 8, 4, 16] = transpose_16.contiguous()
     reshape_11: f32[2, 8, 64] = attn_output_13.reshape(2, 8, -1)
     attn_output_14: f32[2, 8, 64] = reshape_11.contiguous()
-    decode_residual_3: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_2, attn_output_14, model.layers.3.self_attn.o_proj.weight, getitem_61, model.layers.3.mlp.down_proj.weight, getitem_62)
+    swiglu_3: f32[2, 8, 256] = cohere_fx.swiglu(getitem_61, getitem_62)
+    decode_residual_3: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_2, attn_output_14, model.layers.3.self_attn.o_proj.weight, swiglu_3, model.layers.3.mlp.down_proj.weight)
     layer_norm_4: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual_3, model.norm.weight, 1e-05)
     getitem_36: f32[2, 8, 64] = layer_norm_4[:, 0:, :]
     decode_linear_12: (f32[2, 8, 128]) = cohere_fx.decode_linear(getitem_36, [model.embed_tokens.weight])

@@ -17,16 +17,13 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import cdiv, next_power_of_2
-from cohere_fx.kernels.swiglu import swiglu_value
 
 
 @triton.jit
 def decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn,
                       K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, up_ptr=None, SWIGLU: tl.constexpr = False):
-    """The fp32 [BLOCK_M, BLOCK_N] tile ``x[:M] @ w[n0:n0 + BLOCK_N].T`` over the whole K, before rounding.
-    SWIGLU: x is ``silu(x) * up`` (up laid out as x), made tile by tile and rounded to x's dtype as the swiglu
-    kernel rounds it."""
+                      DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """The fp32 [BLOCK_M, BLOCK_N] tile ``x[:M] @ w[n0:n0 + BLOCK_N].T`` over the whole K, before rounding."""
     rm = tl.arange(0, BLOCK_M)
     rn = n0 + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -35,11 +32,8 @@ def decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_mask = (k0 + rk) < K
-        x_offs = rm[:, None] * stride_xm + (k0 + rk)[None, :]
-        x = tl.load(x_ptr + x_offs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if SWIGLU:
-            u = tl.load(up_ptr + x_offs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            x = swiglu_value(x.to(tl.float32), u.to(tl.float32)).to(x.dtype)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 + rk)[None, :], mask=n_mask[:, None] & k_mask[None, :],
                     other=0.0)
         if UPCAST:  # fp32 operands: exact for bf16/fp16 under tf32, and what the interpreter multiplies correctly

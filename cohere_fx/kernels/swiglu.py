@@ -23,18 +23,13 @@ def _sigmoid(g):
 
 
 @triton.jit
-def swiglu_value(g, u):
-    """silu(g) * u on fp32 values, before rounding (also what decode_residual computes from gate and up)."""
-    return tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
-
-
-@triton.jit
 def _swiglu_fwd_kernel(GATE, UP, OUT, numel, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + offs, swiglu_value(g, u).to(OUT.dtype.element_ty), mask=mask)
+    silu = tl.math.div_rn(g, 1.0 + tl.exp(-g))
+    tl.store(OUT + offs, (silu * u).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,27 +1,19 @@
 """``decode_residual``: in a decode step, the layer's o_proj and down_proj ``decode_linear`` calls and the
-``parallel_residual`` that adds them (and the ``swiglu`` down_proj reads, where that op made it) -> one
-cohere_fx.decode_residual.
+``parallel_residual`` that adds them -> one cohere_fx.decode_residual.
 
-The search is what the ``decode_linear``, ``swiglu`` and ``parallel_residual`` patterns wrote for ``residual +
-o_proj(attn) + down_proj(act(gate) * up)`` (this pattern runs after them), so it matches Cohere decoder layers in
-decode steps and nothing else: each ``decode_linear`` holds one weight (o and down read different inputs, so they
-are never grouped), and the matcher takes only calls whose outputs nothing else reads. Without the swiglu op (the
-pattern ablated) the MLP's activation stays as it is and the second spelling takes the rest.
+The search is what the ``decode_linear`` and ``parallel_residual`` patterns wrote for ``residual +
+o_proj(attn) + down_proj(mlp)`` (this pattern runs after both), so it matches Cohere decoder layers in decode
+steps and nothing else: each ``decode_linear`` holds one weight (o and down read different inputs, so they are
+never grouped), and the matcher takes only calls whose outputs nothing else reads.
 
 Checks: one dtype everywhere; o's and down's outputs have the residual's shape. Exactness: the op rounds as the
-unfused ops do, to the bit.
+three unfused ops do, to the bit.
 """
 import torch
 
 from cohere_fx.patterns.base import Match, Pattern, fake_value, known_equal
 
 ops = torch.ops.cohere_fx
-
-
-def search_swiglu(residual, attn, o_weight, gate, up, down_weight):
-    o = ops.decode_linear.default(attn, [o_weight])
-    down = ops.decode_linear.default(ops.swiglu.default(gate, up), [down_weight])
-    return ops.parallel_residual.default(residual, o[0], down[0])
 
 
 def search(residual, attn, o_weight, mlp, down_weight):
@@ -31,9 +23,7 @@ def search(residual, attn, o_weight, mlp, down_weight):
 
 
 def check(match: Match):
-    if "up" in match.bindings and not known_equal(match.val("gate").shape, match.val("up").shape):
-        return f"gate {tuple(match.val('gate').shape)} and up {tuple(match.val('up').shape)} differ"
-    names = ("residual", "attn", "o_weight", "gate" if "up" in match.bindings else "mlp", "down_weight")
+    names = ("residual", "attn", "o_weight", "mlp", "down_weight")
     vals = [match.val(name) for name in names]
     if any(v is None for v in vals):
         return "no traced shapes"
@@ -46,17 +36,14 @@ def check(match: Match):
                f"{residual.shape[-1]}"
     if not (known_equal(attn.shape[:-1], residual.shape[:-1]) and known_equal(mlp.shape[:-1], residual.shape[:-1])):
         return f"rows differ: residual {tuple(residual.shape)}, attn {tuple(attn.shape)}, mlp {tuple(mlp.shape)}"
-    if any(fake_value(match[name]).requires_grad for name in ("residual", "attn", names[3])):
+    if any(fake_value(match[name]).requires_grad for name in ("residual", "attn", "mlp")):
         return "an input requires grad (the op has no backward)"
     return None
 
 
 def replace(match: Match):
-    if "up" in match.bindings:
-        return match.call(ops.decode_residual.default, match["residual"], match["attn"], match["o_weight"],
-                          match["gate"], match["down_weight"], match["up"])
     return match.call(ops.decode_residual.default, match["residual"], match["attn"], match["o_weight"],
                       match["mlp"], match["down_weight"])
 
 
-PATTERN = Pattern("decode_residual", (search_swiglu, search), replace, check)
+PATTERN = Pattern("decode_residual", search, replace, check)
