@@ -9,17 +9,16 @@ prints a table and writes decode_linear-sweep-<date>.json to DIR. All groups at 
 an H100 (most of it compiling the configs): split them over calls with --groups / --rows.
 """
 import argparse
-import datetime
 import itertools
-import json
 import math
-import os
 
 import torch
 import triton
 import triton.testing
 
 from cohere_fx.kernels.decode_linear import decode_linear_fwd
+
+from sweep_record import write_sweep_record
 
 H, HKV, FFN, VOCAB = 4096, 1024, 14336, 256000
 GROUPS = {"qkv_gate_up": ([H, HKV, HKV, FFN, FFN], H), "o": ([H], H), "down": ([H], FFN), "head": ([VOCAB], H)}
@@ -64,12 +63,7 @@ def main():
         configs = [c for c in CONFIGS if c[-1] == upcast]
         totals = {c: sum(r["triton_ms"].get(str(c), float("inf")) for r in rows) for c in configs}
         print(f"best single config (upcast={upcast}) over all groups and batches:", min(totals, key=totals.get))
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python benchmarks/sweep_decode_linear.py"}
-    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    with open(os.path.join(args.out, f"decode_linear-sweep-{stamp}.json"), "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
+    write_sweep_record(args.out, "decode_linear", rows)
 
 
 if __name__ == "__main__":

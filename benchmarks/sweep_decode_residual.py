@@ -7,11 +7,8 @@ that nothing is served from L2; CUDA-graph timed, so launch gaps count.
 prints a table and writes decode_residual-sweep-<date>.json to DIR.
 """
 import argparse
-import datetime
 import itertools
-import json
 import math
-import os
 
 import torch
 import triton
@@ -19,6 +16,8 @@ import triton.testing
 
 import cohere_fx.ops  # noqa: F401
 from cohere_fx.kernels.decode_residual import CONFIG, decode_residual_fwd
+
+from sweep_record import write_sweep_record
 
 H, FFN = 4096, 14336
 CONFIGS = list(itertools.product([16, 32, 64], [128, 256], [4], [2, 4, 6], [False]))  # 8 warps: slower in every
@@ -66,12 +65,7 @@ def main():
                      "fused_ms": {str(c): t for c, t in fused.items()}})
         rate = ", ".join(f"{k} {v * 1e3:6.1f} us ({nbytes / v / 1e6:4.0f} GB/s)" for k, v in times.items())
         print(f"M={m:2d}: {rate}", flush=True)
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "command": "python benchmarks/sweep_decode_residual.py"}
-    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
-    with open(os.path.join(args.out, f"decode_residual-sweep-{stamp}.json"), "w") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
+    write_sweep_record(args.out, "decode_residual", rows)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,17 @@ def _config(weights) -> tuple:
     return HEAD_CONFIG if weights[0].shape[0] >= HEAD_MIN_ROWS else SINGLE_CONFIG
 
 
+def launch_options(x, config) -> dict:
+    """Keyword arguments of a launch of ``decode_linear_acc``'s kernels for input ``x`` under ``config`` (its K
+    tile aside): the dot form, which must be the same for ``decode_residual`` to equal the unfused kernels bitwise."""
+    import torch
+
+    _, _, warps, stages, upcast = config
+    fp32 = x.dtype == torch.float32
+    return dict(BLOCK_M=MAX_ROWS, BLOCK_N=config[0], DOT_PRECISION="ieee" if fp32 else "tf32",
+                UPCAST=upcast or not x.is_cuda or fp32, num_warps=warps, num_stages=stages)
+
+
 def decode_linear_fwd(x, weights, config=None):
     """[x @ w.T for w in weights]: x [M, K] (M <= MAX_ROWS, unit last stride), 1-MAX_WEIGHTS row-major [N_i, K]."""
     import torch
@@ -114,7 +125,8 @@ def decode_linear_fwd(x, weights, config=None):
         if w.dim() != 2 or w.shape[1] != k or not w.is_contiguous() or w.dtype != x.dtype:
             raise ValueError(f"decode_linear: weight {w.dtype}{tuple(w.shape)} strides {w.stride()} does not fit x "
                              f"{x.dtype}{tuple(x.shape)} (row-major [N, K] expected)")
-    block_n, block_k, warps, stages, upcast = config or _config(weights)
+    config = config or _config(weights)
+    block_n, block_k = config[:2]
     outs = [torch.empty((m, w.shape[0]), dtype=x.dtype, device=x.device) for w in weights]
     unused = MAX_WEIGHTS - len(weights)
     sizes = [w.shape[0] for w in weights] + [0] * unused
@@ -124,7 +136,5 @@ def decode_linear_fwd(x, weights, config=None):
     with on_device(x):
         _decode_linear_kernel[(starts[-1],)](
             x, *weights, *weights[:1] * unused, *outs, *outs[:1] * unused, *sizes, *starts[1:MAX_WEIGHTS], m,
-            x.stride(0), K=k, BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=min(block_k, next_power_of_2(k)),
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            UPCAST=upcast or not x.is_cuda or x.dtype == torch.float32, num_warps=warps, num_stages=stages)
+            x.stride(0), K=k, BLOCK_K=min(block_k, next_power_of_2(k)), **launch_options(x, config))
     return outs

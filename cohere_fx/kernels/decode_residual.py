@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import cdiv, next_power_of_2
-from cohere_fx.kernels.decode_linear import MAX_ROWS, SINGLE_CONFIG, decode_linear_acc
+from cohere_fx.kernels.decode_linear import MAX_ROWS, SINGLE_CONFIG, decode_linear_acc, launch_options
 
 
 @triton.jit
@@ -62,14 +62,12 @@ def decode_residual_fwd(residual, attn, o_weight, mlp, down_weight, config=None)
             f"and [N, Kd] of one dtype, unit last strides; got " + ", ".join(
                 f"{t.dtype}{tuple(t.shape)} strides {t.stride()}" for t in (residual, attn, o_weight, mlp,
                                                                              down_weight)))
-    block_n, block_k, warps, stages, upcast = config or CONFIG
+    config = config or CONFIG
+    block_n, block_k = config[:2]
     out = torch.empty_like(residual, memory_format=torch.contiguous_format)
     with on_device(residual):
         _decode_residual_kernel[(cdiv(n, block_n),)](
             residual, attn, o_weight, mlp, down_weight, out, m, n, residual.stride(0), attn.stride(0),
-            mlp.stride(0), out.stride(0), KO=attn.shape[1], KD=mlp.shape[1], BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
-            BLOCK_K=min(block_k, next_power_of_2(min(attn.shape[1], mlp.shape[1]))),
-            DOT_PRECISION="ieee" if residual.dtype == torch.float32 else "tf32",
-            UPCAST=upcast or not residual.is_cuda or residual.dtype == torch.float32, num_warps=warps,
-            num_stages=stages)
+            mlp.stride(0), out.stride(0), KO=attn.shape[1], KD=mlp.shape[1],
+            BLOCK_K=min(block_k, next_power_of_2(min(attn.shape[1], mlp.shape[1]))), **launch_options(residual, config))
     return out

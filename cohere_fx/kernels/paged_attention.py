@@ -57,9 +57,9 @@ def _paged_attention_partial(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     table_row = table_ptr + b * stride_tb
-    # Latency is hidden by several programs per SM, and V is loaded next to K so both requests are in flight
-    # together; STAGES > 1 pipelines the tiles too. (Under Triton 3.6's interpreter this runtime-bounded loop needs
-    # numpy < 2.4: triton-lang/triton#9171.)
+    # Latency is hidden by pipelining the tiles (STAGES deep), and V is loaded next to K so both requests are in
+    # flight together. (Under Triton 3.6's interpreter this runtime-bounded loop needs numpy < 2.4:
+    # triton-lang/triton#9171.)
     for t0 in tl.range(lo, hi, TILE_N, num_stages=STAGES):
         tok = t0 + tl.arange(0, TILE_N)
         valid = tok < hi
@@ -113,7 +113,7 @@ def _paged_attention_reduce(
 
 
 def _num_sms(device: torch.device) -> int:
-    return sm_count(device) if device.type == "cuda" else 2  # the interpreter: small (its tests pass `parts` for splits)
+    return sm_count(device) if device.type == "cuda" else 2  # the interpreter (its tests pass `parts` for splits)
 
 
 # Launch settings, swept on an H100 by benchmarks/sweep_paged_attention.py
