@@ -20,6 +20,8 @@
 #   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without rope_kv_write, one run each
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
 #   bash benchmarks/gpu_suite.sh ab-residual  # the same with and without decode_residual
+#   bash benchmarks/gpu_suite.sh ab-pdl     # decode-presets, then again with COHERE_FX_PDL=0 (no programmatic
+#                                           # dependent launch): two runs, the knob named in each record
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand,
 #                                           # their steps alternated (bench train --interleave)
 #   bash benchmarks/gpu_suite.sh ab-tree    # ab-lora here, then in the tree of build/ref.tar (`git archive REF -o
@@ -119,6 +121,7 @@ for stage in "$@"; do
              PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode qlora --option return_logits=false --out "$out" ;;
     ab-decode) each_preset --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write ;;
     ab-residual) each_preset --compare cohere_fx,cohere_fx-ablated --ablate decode_residual ;;
+    ab-pdl)  each_preset --compare cohere_fx && COHERE_FX_PDL=0 each_preset --compare cohere_fx ;;
     ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
                --ablate tied_embedding_grad $INTERLEAVE --out "$out" ;;
     cg-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx --option return_logits=false \

@@ -122,6 +122,7 @@ def render_record(record, chart=None) -> str:
     versions = " · ".join(f"{k} {env[k]}" for k in ("torch", "triton", "transformers", "peft", "bitsandbytes")
                           if env.get(k))
     git = f" · git {env['git']}" if env.get("git") else ""
+    git += "".join(f" · {k}={v}" for k, v in (env.get("knobs") or {}).items())
     lines = [f"### {title(record)}", "", f"{env['device_name']} · {versions} · {env['date']}{git}", "",
              f"`{record['command']}`", ""]
     limits = record.get("limits") or {}

@@ -92,6 +92,8 @@ def environment(device: torch.device) -> dict:
         "bitsandbytes": _version("bitsandbytes") if "bitsandbytes" in sys.modules else None,
         "python": platform.python_version(),
         "git": _git_revision(),
+        # the settings a run was made under (e.g. COHERE_FX_PDL=0): two records of one tree can differ by them
+        "knobs": {k: v for k, v in sorted(os.environ.items()) if k.startswith("COHERE_FX_") and k != "COHERE_FX_GIT"},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

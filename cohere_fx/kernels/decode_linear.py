@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import cdiv, next_power_of_2
+from cohere_fx.kernels.dependent_launch import dependent_launch, wait_for_inputs
 
 
 @triton.jit
@@ -58,9 +59,10 @@ def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, str
 @triton.jit
 def _decode_linear_kernel(x_ptr, w0, w1, w2, w3, w4, y0, y1, y2, y3, y4, N0, N1, N2, N3, N4, P1, P2, P3, P4, M, stride_xm,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """Weight i's programs start at P_i (P0 = 0; unused slots have N = 0 and no programs). Weights and outputs
     are row-major with rows of K and N_i elements (the launcher makes them so)."""
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     if pid < P1:
         _decode_linear_tile(x_ptr, w0, y0, pid * BLOCK_N, M, N0, stride_xm, K, N0, K, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -136,5 +138,6 @@ def decode_linear_fwd(x, weights, config=None):
     with on_device(x):
         _decode_linear_kernel[(starts[-1],)](
             x, *weights, *weights[:1] * unused, *outs, *outs[:1] * unused, *sizes, *starts[1:MAX_WEIGHTS], m,
-            x.stride(0), K=k, BLOCK_K=min(block_k, next_power_of_2(k)), **launch_options(x, config))
+            x.stride(0), K=k, BLOCK_K=min(block_k, next_power_of_2(k)), **launch_options(x, config),
+            **dependent_launch(x))
     return outs

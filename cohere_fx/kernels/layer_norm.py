@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import cdiv, next_power_of_2, on_device, persistent_programs
+from cohere_fx.kernels.dependent_launch import dependent_launch, wait_for_inputs
 
 MAX_N = 16384
 
@@ -22,7 +23,8 @@ def _row_mean(v, N):
 
 
 @triton.jit
-def _layer_norm_fwd_kernel(X, W, Y, stride_x, N, eps, BLOCK_N: tl.constexpr):
+def _layer_norm_fwd_kernel(X, W, Y, stride_x, N, eps, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -113,7 +115,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
         block_n = _block(n)
         with on_device(x):
             _layer_norm_fwd_kernel[(m,)](x2, weight.contiguous(), y, x2.stride(0), n, float(eps),
-                                         BLOCK_N=block_n, num_warps=_fwd_num_warps(block_n))
+                                         BLOCK_N=block_n, num_warps=_fwd_num_warps(block_n), **dependent_launch(x))
     return y.view(x.shape)
 
 

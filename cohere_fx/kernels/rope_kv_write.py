@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import on_device
+from cohere_fx.kernels.dependent_launch import dependent_launch, wait_for_inputs
 from cohere_fx.kernels.qk_norm_rope import NUM_WARPS, _check, _cos_sin, _cos_sin_args, _fwd_heads, fwd_layout
 
 
@@ -20,9 +21,11 @@ def _rope_kv_write_kernel(Q, K, V, COS, SIN, QW, KW, QO, K_POOL, V_POOL, SLOTS, 
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                           stride_kpn, stride_kpt, stride_kph, stride_vpn, stride_vpt, stride_vph,
                           stride_cb, eps, block_size, q_blocks, k_blocks,
-                          HAS_NORM: tl.constexpr, D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
+                          HAS_NORM: tl.constexpr, D: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                          PDL: tl.constexpr):
     """Program (sequence b, head block): q blocks, then k blocks (rotated into the page), then v blocks
     (copied into the page)."""
+    wait_for_inputs(PDL)
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     slot = tl.load(SLOTS + b)
@@ -69,5 +72,6 @@ def rope_kv_write_fwd(q, k, v, cos, sin, q_weight, k_weight, eps, k_pool, v_pool
             q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(1),
             k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1),
             v_pool.stride(2), stride_cb, float(eps), k_pool.shape[1], q_blocks, k_blocks,
-            HAS_NORM=has_norm, D=d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=NUM_WARPS)
+            HAS_NORM=has_norm, D=d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=NUM_WARPS,
+            **dependent_launch(q))
     return q_out

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import on_device
+from cohere_fx.kernels.dependent_launch import dependent_launch, wait_for_inputs
 from cohere_fx.kernels.elementwise import BLOCK, NUM_WARPS, check_kernel_inputs, grid
 
 
@@ -23,7 +24,8 @@ def _sigmoid(g):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(GATE, UP, OUT, numel, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(GATE, UP, OUT, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
@@ -54,7 +56,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel():
         with on_device(gate):
             _swiglu_fwd_kernel[grid(out.numel())](gate.contiguous(), up.contiguous(), out, out.numel(),
-                                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                                  BLOCK=BLOCK, num_warps=NUM_WARPS, **dependent_launch(gate))
     return out
 
 

@@ -1,0 +1,53 @@
+"""Programmatic dependent launch (PDL, sm_90+): a decode step's kernels start while the kernel before them ends.
+
+Why: a Command-R7B decode step is ~260 dependent launches, most of them weight streams of 50-100 us. Between two of
+them the device drains the first kernel's last programs, then launches and ramps up the next: the SMs idle for a
+few microseconds per boundary, ~0.5 ms of a ~6.8 ms step at 16 sequences (the step's kernels sum to less than the
+step). Launched with PDL, the next kernel's programs are scheduled onto the SMs the last programs of the kernel
+before it leave free, and wait there (``griddepcontrol.wait``) until it has finished and its writes are visible.
+
+Safety rests on two rules that every kernel launched with ``dependent_launch`` keeps:
+- it calls ``wait_for_inputs(PDL)`` before its first load or store of global memory, so it reads nothing the kernel
+  before it still writes and writes nothing that kernel still reads;
+- that call also signals its own dependents (``griddepcontrol.launch_dependents``) only after the wait: at most two
+  kernels share the SMs, the running one and the next one waiting.
+A kernel launched without the attribute (cuBLAS, inductor's kernels) waits for the one before it as usual. Both
+instructions are no-ops for a kernel launched without PDL. Recorded in CUDA graphs as programmatic edges (CUDA
+12.3+), which is where decode runs.
+
+``COHERE_FX_PDL=0`` turns it off (read at each launch: an A/B in one process, or a fallback).
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """The first statement of a kernel launched with ``dependent_launch``: wait for the kernel before it (its
+    writes visible), then let the next kernel launch."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@functools.lru_cache
+def _supported(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def enabled() -> bool:
+    return os.environ.get("COHERE_FX_PDL", "1") != "0"
+
+
+def dependent_launch(t: torch.Tensor) -> dict:
+    """Launch keywords of a kernel that calls ``wait_for_inputs(PDL)``, for tensors on ``t``'s device: PDL on a
+    CUDA device of compute capability 9.0 or newer (unless ``COHERE_FX_PDL=0``), off elsewhere (the interpreter
+    runs no inline PTX)."""
+    if t.is_cuda and enabled() and _supported(t.device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
