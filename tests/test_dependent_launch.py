@@ -55,10 +55,12 @@ def test_decode_equals_decode_without_dependent_launch(monkeypatch):
     monkeypatch.setenv("COHERE_FX_PDL", "0")
     without = _greedy_logits(model, 30)
     monkeypatch.setenv("COHERE_FX_PDL", "1")
-    torch._dynamo.reset()
-    with_pdl = _greedy_logits(model, 30)
-    for step, (a, b) in enumerate(zip(with_pdl, without)):
-        assert torch.equal(a, b), f"step {step}"
+    for prefetch in ("0", "1024"):  # weight rows asked of L2 before the wait, or not
+        monkeypatch.setenv("COHERE_FX_PDL_PREFETCH", prefetch)
+        torch._dynamo.reset()
+        with_pdl = _greedy_logits(model, 30)
+        for step, (a, b) in enumerate(zip(with_pdl, without)):
+            assert torch.equal(a, b), f"prefetch {prefetch}, step {step}"
 
     # Each decode kernel ran with PDL, and its PTX waits (griddepcontrol.wait) before its first global memory access.
     for kernel in DECODE_KERNELS:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import cdiv, next_power_of_2
-from cohere_fx.kernels.dependent_launch import dependent_launch, wait_for_inputs
+from cohere_fx.kernels.dependent_launch import dependent_launch, prefetch_bytes, prefetch_rows, wait_for_inputs
 
 
 @triton.jit
@@ -47,7 +47,10 @@ def decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn,
 @triton.jit
 def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, stride_ym,
                K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+    if PREFETCH:
+        prefetch_rows(w_ptr, n0, N, K, stride_wn, BLOCK_N, PREFETCH)
+    wait_for_inputs(PDL)
     acc = decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn, K, BLOCK_M, BLOCK_N, BLOCK_K,
                             DOT_PRECISION, UPCAST)
     rm = tl.arange(0, BLOCK_M)
@@ -59,26 +62,25 @@ def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, str
 @triton.jit
 def _decode_linear_kernel(x_ptr, w0, w1, w2, w3, w4, y0, y1, y2, y3, y4, N0, N1, N2, N3, N4, P1, P2, P3, P4, M, stride_xm,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """Weight i's programs start at P_i (P0 = 0; unused slots have N = 0 and no programs). Weights and outputs
     are row-major with rows of K and N_i elements (the launcher makes them so)."""
-    wait_for_inputs(PDL)
     pid = tl.program_id(0)
     if pid < P1:
         _decode_linear_tile(x_ptr, w0, y0, pid * BLOCK_N, M, N0, stride_xm, K, N0, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST)
+                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
     elif pid < P2:
         _decode_linear_tile(x_ptr, w1, y1, (pid - P1) * BLOCK_N, M, N1, stride_xm, K, N1, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST)
+                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
     elif pid < P3:
         _decode_linear_tile(x_ptr, w2, y2, (pid - P2) * BLOCK_N, M, N2, stride_xm, K, N2, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST)
+                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
     elif pid < P4:
         _decode_linear_tile(x_ptr, w3, y3, (pid - P3) * BLOCK_N, M, N3, stride_xm, K, N3, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST)
+                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
     else:
         _decode_linear_tile(x_ptr, w4, y4, (pid - P4) * BLOCK_N, M, N4, stride_xm, K, N4, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST)
+                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
 
 
 MAX_WEIGHTS = 5  # q, k, v, gate and up read one LayerNorm output in Cohere's parallel block
@@ -139,5 +141,5 @@ def decode_linear_fwd(x, weights, config=None):
         _decode_linear_kernel[(starts[-1],)](
             x, *weights, *weights[:1] * unused, *outs, *outs[:1] * unused, *sizes, *starts[1:MAX_WEIGHTS], m,
             x.stride(0), K=k, BLOCK_K=min(block_k, next_power_of_2(k)), **launch_options(x, config),
-            **dependent_launch(x))
+            **dependent_launch(x), PREFETCH=prefetch_bytes(x))
     return outs

@@ -35,6 +35,19 @@ def wait_for_inputs(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def prefetch_rows(ptr, n0, N, K, stride, BLOCK_N: tl.constexpr, BYTES: tl.constexpr):
+    """Ask L2 for the first BYTES of rows ``n0 .. n0 + BLOCK_N`` (clamped to N) of a row-major [N, K] matrix: what a
+    weight-streaming program may do before ``wait_for_inputs``, while the kernel before it ends (no kernel of a
+    decode step writes a weight, and a prefetch returns nothing that a later write could leave stale)."""
+    PER_LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth  # elements in a 128-byte line
+    LINES: tl.constexpr = BYTES // 128
+    rows = tl.minimum(n0 + tl.arange(0, BLOCK_N), N - 1)
+    cols = tl.minimum(tl.arange(0, LINES) * PER_LINE, K - 1)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptr + rows[:, None] * stride + cols[None, :]],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
 @functools.lru_cache
 def _supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
@@ -42,6 +55,12 @@ def _supported(device: torch.device) -> bool:
 
 def enabled() -> bool:
     return os.environ.get("COHERE_FX_PDL", "1") != "0"
+
+
+def prefetch_bytes(t: torch.Tensor) -> int:
+    """Bytes of each weight row a program asks L2 for before it waits (``prefetch_rows``): only with PDL, from
+    ``COHERE_FX_PDL_PREFETCH`` (0: none)."""
+    return int(os.environ.get("COHERE_FX_PDL_PREFETCH", "0")) if dependent_launch(t)["PDL"] else 0
 
 
 def dependent_launch(t: torch.Tensor) -> dict:
