@@ -22,13 +22,13 @@ DECODE_KERNELS = [_layer_norm_fwd_kernel, _decode_linear_kernel, _rope_kv_write_
 
 def test_off_where_triton_runs_no_ptx():
     """The interpreter runs no inline PTX: on the CPU the kernels are launched without PDL."""
-    assert dependent_launch(torch.empty(1)) == {"PDL": False}
+    assert dependent_launch(torch.empty(1), "layer_norm") == {"PDL": 0}
 
 
 @pytest.mark.gpu
 def test_off_when_asked(monkeypatch):
     monkeypatch.setenv("COHERE_FX_PDL", "0")
-    assert dependent_launch(torch.empty(1, device="cuda")) == {"PDL": False}
+    assert dependent_launch(torch.empty(1, device="cuda"), "layer_norm") == {"PDL": 0}
 
 
 def _greedy_logits(model, steps: int) -> list[torch.Tensor]:

@@ -141,5 +141,5 @@ def decode_linear_fwd(x, weights, config=None):
         _decode_linear_kernel[(starts[-1],)](
             x, *weights, *weights[:1] * unused, *outs, *outs[:1] * unused, *sizes, *starts[1:MAX_WEIGHTS], m,
             x.stride(0), K=k, BLOCK_K=min(block_k, next_power_of_2(k)), **launch_options(x, config),
-            **dependent_launch(x), PREFETCH=prefetch_bytes(x))
+            **dependent_launch(x, "decode_linear"), PREFETCH=prefetch_bytes(x, "decode_linear"))
     return outs

@@ -74,5 +74,5 @@ def decode_residual_fwd(residual, attn, o_weight, mlp, down_weight, config=None)
             residual, attn, o_weight, mlp, down_weight, out, m, n, residual.stride(0), attn.stride(0),
             mlp.stride(0), out.stride(0), KO=attn.shape[1], KD=mlp.shape[1],
             BLOCK_K=min(block_k, next_power_of_2(min(attn.shape[1], mlp.shape[1]))), **launch_options(residual, config),
-            **dependent_launch(residual), PREFETCH=prefetch_bytes(residual))
+            **dependent_launch(residual, "decode_residual"), PREFETCH=prefetch_bytes(residual, "decode_residual"))
     return out

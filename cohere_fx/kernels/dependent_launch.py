@@ -32,7 +32,8 @@ def wait_for_inputs(PDL: tl.constexpr):
     writes visible), then let the next kernel launch."""
     if PDL:
         gdc_wait()
-        gdc_launch_dependents()
+        if PDL == 1:  # else the next kernel launches when this one's programs have exited
+            gdc_launch_dependents()
 
 
 @triton.jit
@@ -57,16 +58,17 @@ def enabled() -> bool:
     return os.environ.get("COHERE_FX_PDL", "1") != "0"
 
 
-def prefetch_bytes(t: torch.Tensor) -> int:
+def prefetch_bytes(t: torch.Tensor, kernel: str) -> int:
     """Bytes of each weight row a program asks L2 for before it waits (``prefetch_rows``): only with PDL, from
     ``COHERE_FX_PDL_PREFETCH`` (0: none)."""
-    return int(os.environ.get("COHERE_FX_PDL_PREFETCH", "0")) if dependent_launch(t)["PDL"] else 0
+    return int(os.environ.get("COHERE_FX_PDL_PREFETCH", "0")) if dependent_launch(t, kernel)["PDL"] else 0
 
 
-def dependent_launch(t: torch.Tensor) -> dict:
+def dependent_launch(t: torch.Tensor, kernel: str) -> dict:
     """Launch keywords of a kernel that calls ``wait_for_inputs(PDL)``, for tensors on ``t``'s device: PDL on a
     CUDA device of compute capability 9.0 or newer (unless ``COHERE_FX_PDL=0``), off elsewhere (the interpreter
     runs no inline PTX)."""
-    if t.is_cuda and enabled() and _supported(t.device):
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
+    skipped = os.environ.get("COHERE_FX_PDL_SKIP", "").split(",")
+    if t.is_cuda and enabled() and kernel not in skipped and _supported(t.device):
+        return {"PDL": 2 if os.environ.get("COHERE_FX_PDL_TRIGGER") == "exit" else 1, "launch_pdl": True}
+    return {"PDL": 0}

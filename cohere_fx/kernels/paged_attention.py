@@ -178,12 +178,12 @@ def paged_attention_fwd(
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE_N=tile_n, FINAL=parts == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no tf32 rounding for fp32 caches
-        STAGES=STAGES, num_warps=NUM_WARPS, **dependent_launch(q),
+        STAGES=STAGES, num_warps=NUM_WARPS, **dependent_launch(q, "paged_attention"),
     )
     if parts > 1:
         _paged_attention_reduce[(batch * num_heads,)](
             o_part, m_part, l_part, out, parts,
             HEAD_DIM=head_dim, D_PAD=d_pad, P_PAD=max(2, next_power_of_2(parts)), num_warps=4,
-            **dependent_launch(q),
+            **dependent_launch(q, "paged_attention_reduce"),
         )
     return out

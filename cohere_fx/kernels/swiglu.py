@@ -56,7 +56,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel():
         with on_device(gate):
             _swiglu_fwd_kernel[grid(out.numel())](gate.contiguous(), up.contiguous(), out, out.numel(),
-                                                  BLOCK=BLOCK, num_warps=NUM_WARPS, **dependent_launch(gate))
+                                                  BLOCK=BLOCK, num_warps=NUM_WARPS, **dependent_launch(gate, "swiglu"))
     return out
 
 
