@@ -3,8 +3,12 @@ engine must reproduce), and a decode step ready to trace: a DecodeRunner with tw
 (7 and 3 prompt tokens), grown by one token and its static buffers filled, as the runner does before each
 compiled step."""
 import torch
+from transformers import Cohere2ForCausalLM, CohereForCausalLM
 
+import cohere_fx
+from cohere_fx.configs import tiny_cohere2_config, tiny_cohere_config
 from cohere_fx.runtime import DecodeRunner
+from cohere_fx.runtime.decode_runner import decode_step
 
 
 def two_slot_step(model):
@@ -27,3 +31,31 @@ def hf_greedy(model, prompt, new_tokens, stops=None):
     out = model.generate(prompt[None], attention_mask=torch.ones_like(prompt)[None], do_sample=False,
                          max_new_tokens=new_tokens, **kwargs)
     return out[0, len(prompt):].tolist()
+
+
+def tiny_models():
+    """Two-layer Cohere and Cohere2 (fp32, CPU): what the decode fusions' pattern tests trace."""
+    torch.manual_seed(0)
+    return (CohereForCausalLM(tiny_cohere_config(layers=2, initializer_range=0.2)).eval(),
+            Cohere2ForCausalLM(tiny_cohere2_config(layers=2, initializer_range=0.2)).eval())
+
+
+def explain_decode_step(model, **explain_kwargs):
+    """(``cohere_fx.explain`` of ``two_slot_step``'s decode step, that step's arguments)."""
+    _, bucket = two_slot_step(model)
+    args = (model, bucket.view, bucket.input_ids, bucket.position_ids)
+    with torch.no_grad():
+        return cohere_fx.explain(decode_step, *args, **explain_kwargs), args
+
+
+def assert_compiled_step_equals_eager(args):
+    """The step compiled with cohere_fx (no inductor) gives eager's logits; the pools are restored in between, as
+    both steps write the new token's K and V."""
+    view = args[1]
+    pools = [p.clone() for p in view.k_pools + view.v_pools]
+    with torch.no_grad():
+        eager = decode_step(*args)
+        for live, saved in zip(view.k_pools + view.v_pools, pools):
+            live.copy_(saved)
+        compiled = torch.compile(decode_step, backend="cohere_fx", fullgraph=True, options={"inductor": False})(*args)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

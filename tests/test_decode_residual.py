@@ -5,16 +5,14 @@ training graphs)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Cohere2ForCausalLM, CohereForCausalLM
 
 import cohere_fx
 import cohere_fx.ops  # noqa: F401
-from cohere_fx.configs import tiny_cohere2_config, tiny_cohere_config
 from cohere_fx.kernels.decode_linear import decode_linear_fwd
 from cohere_fx.kernels.decode_residual import decode_residual_fwd
 from cohere_fx.passes.manager import pass_names
 from cohere_fx.runtime.decode_runner import decode_step
-from decode_steps import two_slot_step
+from decode_steps import assert_compiled_step_equals_eager, explain_decode_step, tiny_models
 
 op = torch.ops.cohere_fx.decode_residual
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernel on a GPU, the interpreter in CI
@@ -79,19 +77,10 @@ def test_op_keeps_leading_dims_falls_back_beyond_the_kernel_and_passes_opcheck()
         op(residual, attn, o_weight, mlp, down_weight[:8])
 
 
-def tiny_models():
-    torch.manual_seed(0)
-    return (CohereForCausalLM(tiny_cohere_config(layers=2, initializer_range=0.2)).eval(),
-            Cohere2ForCausalLM(tiny_cohere2_config(layers=2, initializer_range=0.2)).eval())
-
-
 @pytest.mark.parametrize("index", [0, 1], ids=["cohere", "cohere2"])
 def test_decode_step_has_one_launch_per_layer_and_equals_eager(index):
     model = tiny_models()[index]
-    runner, bucket = two_slot_step(model)
-    args = (model, bucket.view, bucket.input_ids, bucket.position_ids)
-    with torch.no_grad():
-        report = cohere_fx.explain(decode_step, *args)
+    report, args = explain_decode_step(model)
     layers = model.config.num_hidden_layers
     assert report.matches["decode_residual"] == layers
     (graph,) = report.graphs
@@ -100,22 +89,14 @@ def test_decode_step_has_one_launch_per_layer_and_equals_eager(index):
     assert not any("cohere_fx.parallel_residual(" in line for line in after)
     linears = [line for line in after if "= cohere_fx.decode_linear(" in line]
     assert linears and not any("o_proj" in line or "down_proj" in line for line in linears)
-    pools = [p.clone() for p in bucket.view.k_pools + bucket.view.v_pools]
-    with torch.no_grad():
-        eager = decode_step(*args)
-        for live, saved in zip(bucket.view.k_pools + bucket.view.v_pools, pools):
-            live.copy_(saved)
-        compiled = torch.compile(decode_step, backend="cohere_fx", fullgraph=True, options={"inductor": False})(*args)
-    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    assert_compiled_step_equals_eager(args)
 
 
 def test_ablated_or_without_its_inputs_nothing_is_fused():
     model = tiny_models()[0]
-    runner, bucket = two_slot_step(model)
-    args = (model, bucket.view, bucket.input_ids, bucket.position_ids)
     names = [n for n in pass_names() if n != "decode_residual"]
+    ablated, args = explain_decode_step(model, options={"passes": names})
     with torch.no_grad():
-        ablated = cohere_fx.explain(decode_step, *args, options={"passes": names})
         no_residual = cohere_fx.explain(decode_step, *args, options={"passes": ["decode_linear", "decode_residual"]})
     assert ablated.matches["parallel_residual"] == 2 and ablated.matches["decode_residual"] == 0
     assert sum("= cohere_fx.parallel_residual(" in line for line in ablated.graphs[0].after.splitlines()) == 2
