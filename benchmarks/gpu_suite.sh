@@ -21,9 +21,9 @@
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
 #   bash benchmarks/gpu_suite.sh ab-residual  # the same with and without decode_residual
 #   bash benchmarks/gpu_suite.sh ab-swiglu  # the same with and without decode_swiglu
-#   bash benchmarks/gpu_suite.sh ab-pdl     # decode-presets, then again with COHERE_FX_PDL=0 (no programmatic
-#                                           # dependent launch): two runs, the knob named in each record
-#   bash benchmarks/gpu_suite.sh ab-prefetch  # decode-presets with COHERE_FX_PDL_PREFETCH=${PREFETCH:-1024}: the
+#   bash benchmarks/gpu_suite.sh ab-pdl     # decode-presets with COHERE_FX_PDL=1 (programmatic dependent launch),
+#                                           # then without: two runs, the knob named in each record
+#   bash benchmarks/gpu_suite.sh ab-prefetch  # decode-presets with PDL and COHERE_FX_PDL_PREFETCH=${PREFETCH:-1024}: the
 #                                           # weight kernels ask L2 for their rows' first bytes before they wait
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand,
 #                                           # their steps alternated (bench train --interleave)
@@ -126,8 +126,8 @@ for stage in "$@"; do
     ab-decode) each_preset --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write ;;
     ab-residual) each_preset --compare cohere_fx,cohere_fx-ablated --ablate decode_residual ;;
     ab-swiglu) each_preset --compare cohere_fx,cohere_fx-ablated --ablate decode_swiglu ;;
-    ab-pdl)  each_preset --compare cohere_fx && COHERE_FX_PDL=0 each_preset --compare cohere_fx ;;
-    ab-prefetch) COHERE_FX_PDL_PREFETCH=${PREFETCH:-1024} each_preset --compare cohere_fx ;;
+    ab-pdl)  COHERE_FX_PDL=1 each_preset --compare cohere_fx && each_preset --compare cohere_fx ;;
+    ab-prefetch) COHERE_FX_PDL=1 COHERE_FX_PDL_PREFETCH=${PREFETCH:-1024} each_preset --compare cohere_fx ;;
     ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
                --ablate tied_embedding_grad $INTERLEAVE --out "$out" ;;
     cg-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx --option return_logits=false \

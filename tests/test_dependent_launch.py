@@ -26,8 +26,11 @@ def test_off_where_triton_runs_no_ptx():
 
 
 @pytest.mark.gpu
-def test_off_when_asked(monkeypatch):
-    monkeypatch.setenv("COHERE_FX_PDL", "0")
+def test_off_unless_asked(monkeypatch):
+    monkeypatch.delenv("COHERE_FX_PDL", raising=False)
+    assert dependent_launch(torch.empty(1, device="cuda"), "layer_norm") == {"PDL": 0}
+    monkeypatch.setenv("COHERE_FX_PDL_SKIP", "swiglu,layer_norm")
+    monkeypatch.setenv("COHERE_FX_PDL", "1")
     assert dependent_launch(torch.empty(1, device="cuda"), "layer_norm") == {"PDL": 0}
 
 

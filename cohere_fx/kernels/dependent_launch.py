@@ -15,7 +15,11 @@ A kernel launched without the attribute (cuBLAS, inductor's kernels) waits for t
 instructions are no-ops for a kernel launched without PDL. Recorded in CUDA graphs as programmatic edges (CUDA
 12.3+), which is where decode runs.
 
-``COHERE_FX_PDL=0`` turns it off (read at each launch: an A/B in one process, or a fallback).
+Off unless ``COHERE_FX_PDL=1`` (read at each launch). Measured on an H100 (Command-R7B engine decode, one tree,
+benchmarks/results/decode-command-r7b-20261206T1500*.json and -T150118Z): batch 1 162.8 decode tok/s with it vs
+161.8 without, batch 16 2215.5 vs 2352.7. ``COHERE_FX_PDL_TRIGGER=exit`` (the next kernel launches when this one's
+programs exit, not when they pass the wait), ``COHERE_FX_PDL_SKIP`` (kernel families launched without it) and
+``COHERE_FX_PDL_PREFETCH`` (``prefetch_bytes``) are the knobs of the experiments that look for the cause.
 """
 import functools
 import os
@@ -55,7 +59,7 @@ def _supported(device: torch.device) -> bool:
 
 
 def enabled() -> bool:
-    return os.environ.get("COHERE_FX_PDL", "1") != "0"
+    return os.environ.get("COHERE_FX_PDL", "0") == "1"
 
 
 def prefetch_bytes(t: torch.Tensor, kernel: str) -> int:
@@ -66,7 +70,7 @@ def prefetch_bytes(t: torch.Tensor, kernel: str) -> int:
 
 def dependent_launch(t: torch.Tensor, kernel: str) -> dict:
     """Launch keywords of a kernel that calls ``wait_for_inputs(PDL)``, for tensors on ``t``'s device: PDL on a
-    CUDA device of compute capability 9.0 or newer (unless ``COHERE_FX_PDL=0``), off elsewhere (the interpreter
+    CUDA device of compute capability 9.0 or newer with ``COHERE_FX_PDL=1``, off elsewhere (the interpreter
     runs no inline PTX)."""
     skipped = os.environ.get("COHERE_FX_PDL_SKIP", "").split(",")
     if t.is_cuda and enabled() and kernel not in skipped and _supported(t.device):
