@@ -87,12 +87,19 @@ def _decode_linear_kernel(x_ptr, w0, w1, w2, w3, w4, y0, y1, y2, y3, y4, N0, N1,
                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
                  SWIGLU: tl.constexpr):
     """Weight i's programs start at P_i (P0 = 0; unused slots have N = 0 and no programs). Weights and outputs
-    are row-major with rows of K and N_i elements (the launcher makes them so). With SWIGLU, w3 and w4 are gate
-    and up: slot 3's programs write ``swiglu(x @ w3.T, x @ w4.T)`` to y3, and slot 4 has none."""
+    are row-major with rows of K and N_i elements (the launcher makes them so). With SWIGLU, w0 and w1 are gate
+    and up: slot 0's programs write ``swiglu(x @ w0.T, x @ w1.T)`` to y0, and slot 1 has none. They come first on
+    the grid because they stream twice the bytes of the others: the short programs fill the last wave. (For sm_90
+    at GROUPED_CONFIG this kernel takes 122 registers a thread with SWIGLU, 116 without: four programs per SM
+    either way; with the pair in slot 3 it took 159, three.)"""
     pid = tl.program_id(0)
     if pid < P1:
-        _decode_linear_tile(x_ptr, w0, y0, pid * BLOCK_N, M, N0, stride_xm, K, N0, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
+        if SWIGLU:
+            _decode_swiglu_tile(x_ptr, w0, w1, y0, pid * BLOCK_N, M, N0, stride_xm, K, N0, K, BLOCK_M, BLOCK_N,
+                                BLOCK_K, DOT_PRECISION, UPCAST, PDL, PREFETCH)
+        else:
+            _decode_linear_tile(x_ptr, w0, y0, pid * BLOCK_N, M, N0, stride_xm, K, N0, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                DOT_PRECISION, UPCAST, PDL, PREFETCH)
     elif pid < P2:
         _decode_linear_tile(x_ptr, w1, y1, (pid - P1) * BLOCK_N, M, N1, stride_xm, K, N1, K, BLOCK_M, BLOCK_N, BLOCK_K,
                    DOT_PRECISION, UPCAST, PDL, PREFETCH)
@@ -100,12 +107,8 @@ def _decode_linear_kernel(x_ptr, w0, w1, w2, w3, w4, y0, y1, y2, y3, y4, N0, N1,
         _decode_linear_tile(x_ptr, w2, y2, (pid - P2) * BLOCK_N, M, N2, stride_xm, K, N2, K, BLOCK_M, BLOCK_N, BLOCK_K,
                    DOT_PRECISION, UPCAST, PDL, PREFETCH)
     elif pid < P4:
-        if SWIGLU:
-            _decode_swiglu_tile(x_ptr, w3, w4, y3, (pid - P3) * BLOCK_N, M, N3, stride_xm, K, N3, K, BLOCK_M, BLOCK_N,
-                                BLOCK_K, DOT_PRECISION, UPCAST, PDL, PREFETCH)
-        else:
-            _decode_linear_tile(x_ptr, w3, y3, (pid - P3) * BLOCK_N, M, N3, stride_xm, K, N3, K, BLOCK_M, BLOCK_N,
-                                BLOCK_K, DOT_PRECISION, UPCAST, PDL, PREFETCH)
+        _decode_linear_tile(x_ptr, w3, y3, (pid - P3) * BLOCK_N, M, N3, stride_xm, K, N3, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
     else:
         _decode_linear_tile(x_ptr, w4, y4, (pid - P4) * BLOCK_N, M, N4, stride_xm, K, N4, K, BLOCK_M, BLOCK_N, BLOCK_K,
                    DOT_PRECISION, UPCAST, PDL, PREFETCH)
@@ -124,10 +127,6 @@ GROUPED_CONFIG = (16, 256, 4, 2, False)
 SINGLE_CONFIG = (32, 256, 4, 4, False)
 HEAD_CONFIG = (32, 256, 4, 2, True)
 HEAD_MIN_ROWS = 65536
-# The SWIGLU slot's second accumulation lifts the grouped launch from 116 to 159 registers a thread on sm_90 (three
-# programs of 4 warps per SM instead of four); capped at 128 it compiles without spilling (triton.compile for
-# GPUTarget("cuda", 90, 32), then cuobjdump --dump-resource-usage: 128 registers, no stack).
-SWIGLU_MAX_REGISTERS = 128
 
 
 def _config(weights) -> tuple:
@@ -169,11 +168,11 @@ def decode_linear_fwd(x, weights, config=None, swiglu=False):
     config = config or _config(weights)
     block_n, block_k = config[:2]
     outs = [torch.empty((m, w.shape[0]), dtype=x.dtype, device=x.device) for w in weights[:-1 if swiglu else None]]
-    if swiglu:  # gate and up in slots 3 and 4, the others from slot 0, unused slots between them
+    if swiglu:  # gate and up in slots 0 and 1, the others after them
         plain, unused = len(weights) - 2, MAX_WEIGHTS - len(weights)
-        slot_weights = weights[:plain] + weights[:1] * unused + weights[plain:]
-        slot_outs = outs[:plain] + outs[:1] * unused + outs[plain:] * 2
-        sizes = [w.shape[0] for w in weights[:plain]] + [0] * unused + [weights[-1].shape[0], 0]
+        slot_weights = weights[plain:] + weights[:plain] + weights[:1] * unused
+        slot_outs = outs[plain:] * 2 + outs[:plain] + outs[:1] * unused
+        sizes = [weights[-1].shape[0], 0] + [w.shape[0] for w in weights[:plain]] + [0] * unused
     else:
         unused = MAX_WEIGHTS - len(weights)
         slot_weights, slot_outs = weights + weights[:1] * unused, outs + outs[:1] * unused
@@ -185,6 +184,5 @@ def decode_linear_fwd(x, weights, config=None, swiglu=False):
         _decode_linear_kernel[(starts[-1],)](
             x, *slot_weights, *slot_outs, *sizes, *starts[1:MAX_WEIGHTS], m, x.stride(0), K=k,
             BLOCK_K=min(block_k, next_power_of_2(k)), SWIGLU=swiglu, **launch_options(x, config),
-            **({"maxnreg": SWIGLU_MAX_REGISTERS} if swiglu and x.is_cuda else {}),
             **dependent_launch(x, "decode_linear"), PREFETCH=prefetch_bytes(x, "decode_linear"))
     return outs
