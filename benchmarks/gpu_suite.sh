@@ -20,11 +20,8 @@
 #   bash benchmarks/gpu_suite.sh ab-decode  # engine decode with and without rope_kv_write, one run each
 #                                           # (r7b-8L B1/B16, Command-R7B B1/B16): what that decode fusion is worth
 #   bash benchmarks/gpu_suite.sh ab-residual  # the same with and without decode_residual
-#   bash benchmarks/gpu_suite.sh ab-swiglu  # the same with and without decode_swiglu
 #   bash benchmarks/gpu_suite.sh ab-pdl     # decode-presets with COHERE_FX_PDL=1 (programmatic dependent launch),
 #                                           # then without: two runs, the knob named in each record
-#   bash benchmarks/gpu_suite.sh ab-prefetch  # decode-presets with PDL and COHERE_FX_PDL_PREFETCH=${PREFETCH:-1024}: the
-#                                           # weight kernels ask L2 for their rows' first bytes before they wait
 #   bash benchmarks/gpu_suite.sh ab-lora ab-qlora  # LoRA / QLoRA steps with and without lora_shrink + lora_expand,
 #                                           # their steps alternated (bench train --interleave)
 #   bash benchmarks/gpu_suite.sh ab-tree    # ab-lora here, then in the tree of build/ref.tar (`git archive REF -o
@@ -85,7 +82,7 @@ for stage in "$@"; do
     tests)   python -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_layer_norm_kernel.py tests/test_qk_norm_rope.py \
                tests/test_cross_entropy.py tests/test_paged_attention.py tests/test_gpu_model.py tests/test_swiglu.py \
                tests/test_parallel_residual.py tests/test_decode_runner.py tests/test_peft_lora.py tests/test_embedding.py tests/test_engine.py \
-               tests/test_decode_linear.py tests/test_decode_residual.py tests/test_decode_swiglu.py tests/test_dependent_launch.py \
+               tests/test_decode_linear.py tests/test_decode_residual.py tests/test_dependent_launch.py \
                tests/test_rope_kv_write.py tests/test_lora_ops.py 2>&1 | tee "$out/tests.log" | tail -40 ;;
     tests-gpu) python -m pytest -q -p no:cacheprovider --tb=short -rf -m gpu tests 2>&1 | tee "$out/tests-gpu.log" | tail -40 ;;
     kernels) python -m cohere_fx.bench kernels $BENCH_ARGS --out "$out" &&
@@ -125,9 +122,7 @@ for stage in "$@"; do
              PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode qlora --option return_logits=false --out "$out" ;;
     ab-decode) each_preset --compare cohere_fx,cohere_fx-ablated --ablate rope_kv_write ;;
     ab-residual) each_preset --compare cohere_fx,cohere_fx-ablated --ablate decode_residual ;;
-    ab-swiglu) each_preset --compare cohere_fx,cohere_fx-ablated --ablate decode_swiglu ;;
     ab-pdl)  COHERE_FX_PDL=1 each_preset --compare cohere_fx && each_preset --compare cohere_fx ;;
-    ab-prefetch) COHERE_FX_PDL=1 COHERE_FX_PDL_PREFETCH=${PREFETCH:-1024} each_preset --compare cohere_fx ;;
     ab-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx,cohere_fx-ablated \
                --ablate tied_embedding_grad $INTERLEAVE --out "$out" ;;
     cg-train) python -m cohere_fx.bench train $BENCH_ARGS --mode full --compare cohere_fx --option return_logits=false \

@@ -65,8 +65,7 @@ lora_shrink                 0
 lora_expand                 0
 decode_linear               4
 decode_residual             1
-decode_swiglu               1
-graph 0: 141 nodes -> 44 nodes
+graph 0: 141 nodes -> 46 nodes
 graph(
         view_seq_lens: i32[2],
         input_ids: i64[2, 1],
@@ -108,15 +107,16 @@ graph(
     sin_2: f32[2, 1, 16] = sin_1.to(torch.float32)
     _log_api_usage_once = torch._C._log_api_usage_once('python.nn_module')
     layer_norm: f32[2, 1, 64] = cohere_fx.layer_norm(embedding_1, model.model.layers.0.input_layernorm.weight, 1e-05)
-    decode_swiglu: (f32[2, 1, 64], f32[2, 1, 32], f32[2, 1, 32], f32[2, 1, 256]) = cohere_fx.decode_swiglu(layer_norm, [model.model.layers.0.self_attn.q_proj.weight, model.model.layers.0.self_attn.k_proj.weight, model.model.layers.0.self_attn.v_proj.weight], model.model.layers.0.mlp.gate_proj.weight, model.model.layers.0.mlp.up_proj.weight)
-    getitem_28: f32[2, 1, 256] = decode_swiglu[3]
-    getitem_27: f32[2, 1, 32] = decode_swiglu[2]
-    value_states: f32[2, 1, 2, 16] = getitem_27.view((2, 1, -1, 16))
+    decode_linear: (f32[2, 1, 64], f32[2, 1, 32], f32[2, 1, 32], f32[2, 1, 256], f32[2, 1, 256]) = cohere_fx.decode_linear(layer_norm, [model.model.layers.0.self_attn.q_proj.weight, model.model.layers.0.self_attn.k_proj.weight, model.model.layers.0.self_attn.v_proj.weight, model.model.layers.0.mlp.gate_proj.weight, model.model.layers.0.mlp.up_proj.weight])
+    getitem_17: f32[2, 1, 64] = decode_linear[0]
+    getitem_18: f32[2, 1, 32] = decode_linear[1]
+    getitem_19: f32[2, 1, 32] = decode_linear[2]
+    getitem_20: f32[2, 1, 256] = decode_linear[3]
+    getitem_21: f32[2, 1, 256] = decode_linear[4]
+    query_states: f32[2, 1, 4, 16] = getitem_17.view((2, 1, -1, 16))
+    key_states: f32[2, 1, 2, 16] = getitem_18.view((2, 1, -1, 16))
+    value_states: f32[2, 1, 2, 16] = getitem_19.view((2, 1, -1, 16))
     value_states_1: f32[2, 2, 1, 16] = value_states.transpose(1, 2)
-    getitem_26: f32[2, 1, 32] = decode_swiglu[1]
-    key_states: f32[2, 1, 2, 16] = getitem_26.view((2, 1, -1, 16))
-    getitem_25: f32[2, 1, 64] = decode_swiglu[0]
-    query_states: f32[2, 1, 4, 16] = getitem_25.view((2, 1, -1, 16))
     rope_kv_write: f32[2, 4, 1, 16] = cohere_fx.rope_kv_write(query_states, key_states, value_states_1, cos_2, sin_2, model.model.layers.0.self_attn.q_norm.weight, model.model.layers.0.self_attn.k_norm.weight, 1e-05, view_k_pools_0, view_v_pools_0, view_write_slots_full_attention)
     getitem_16: f32[2, 4, 16] = rope_kv_write[:, :, 0]
     paged_attention: f32[2, 4, 16] = cohere_fx.paged_attention(getitem_16, view_k_pools_0, view_v_pools_0, view_block_tables_full_attention, view_seq_lens, 0.25, 0)
@@ -125,7 +125,8 @@ graph(
     attn_output_1: f32[2, 1, 4, 16] = transpose_6.contiguous()
     reshape_2: f32[2, 1, 64] = attn_output_1.reshape(2, 1, -1)
     attn_output_2: f32[2, 1, 64] = reshape_2.contiguous()
-    decode_residual: f32[2, 1, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.model.layers.0.self_attn.o_proj.weight, getitem_28, model.model.layers.0.mlp.down_proj.weight)
+    swiglu: f32[2, 1, 256] = cohere_fx.swiglu(getitem_20, getitem_21)
+    decode_residual: f32[2, 1, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.model.layers.0.self_attn.o_proj.weight, swiglu, model.model.layers.0.mlp.down_proj.weight)
     layer_norm_1: f32[2, 1, 64] = cohere_fx.layer_norm(decode_residual, model.model.norm.weight, 1e-05)
     getitem_14: f32[2, 1, 64] = layer_norm_1[:, 0:, :]
     decode_linear_3: (f32[2, 1, 128]) = cohere_fx.decode_linear(getitem_14, [model.model.embed_tokens.weight])
@@ -157,8 +158,7 @@ lora_shrink                 0
 lora_expand                 0
 decode_linear               4
 decode_residual             1
-decode_swiglu               1
-graph 0: 136 nodes -> 51 nodes
+graph 0: 136 nodes -> 53 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -199,28 +199,30 @@ graph(
     sin_2: f32[1, 8, 16] = sin_1.to(torch.float32)
     _log_api_usage_once = torch._C._log_api_usage_once('python.nn_module')
     layer_norm: f32[2, 8, 64] = cohere_fx.layer_norm(embedding_1, model.layers.0.input_layernorm.weight, 1e-05)
-    tensor: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
-    tensor_1: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
-    decode_swiglu: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256]) = cohere_fx.decode_swiglu(layer_norm, [model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight], model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight)
-    getitem_24: f32[2, 8, 256] = decode_swiglu[3]
-    getitem_23: f32[2, 8, 32] = decode_swiglu[2]
-    value_states: f32[2, 8, 2, 16] = getitem_23.view((2, 8, -1, 16))
+    decode_linear: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm, [model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight, model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight])
+    getitem_13: f32[2, 8, 64] = decode_linear[0]
+    getitem_14: f32[2, 8, 32] = decode_linear[1]
+    getitem_15: f32[2, 8, 32] = decode_linear[2]
+    getitem_16: f32[2, 8, 256] = decode_linear[3]
+    getitem_17: f32[2, 8, 256] = decode_linear[4]
+    query_states: f32[2, 8, 4, 16] = getitem_13.view((2, 8, -1, 16))
+    key_states: f32[2, 8, 2, 16] = getitem_14.view((2, 8, -1, 16))
+    value_states: f32[2, 8, 2, 16] = getitem_15.view((2, 8, -1, 16))
     value_states_1: f32[2, 2, 8, 16] = value_states.transpose(1, 2)
-    values: f32[2, 2, 8, 16] = torch.cat([tensor_1, value_states_1], dim=-2)
-    getitem_22: f32[2, 8, 32] = decode_swiglu[1]
-    key_states: f32[2, 8, 2, 16] = getitem_22.view((2, 8, -1, 16))
-    getitem_21: f32[2, 8, 64] = decode_swiglu[0]
-    query_states: f32[2, 8, 4, 16] = getitem_21.view((2, 8, -1, 16))
     qk_norm_rope: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.qk_norm_rope(query_states, key_states, cos_2, sin_2, model.layers.0.self_attn.q_norm.weight, model.layers.0.self_attn.k_norm.weight, 1e-05)
     qk_norm_rope_k: f32[2, 2, 8, 16] = qk_norm_rope[1]
-    keys: f32[2, 2, 8, 16] = torch.cat([tensor, qk_norm_rope_k], dim=-2)
     qk_norm_rope_q: f32[2, 4, 8, 16] = qk_norm_rope[0]
+    tensor: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
+    tensor_1: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
+    keys: f32[2, 2, 8, 16] = torch.cat([tensor, qk_norm_rope_k], dim=-2)
+    values: f32[2, 2, 8, 16] = torch.cat([tensor_1, value_states_1], dim=-2)
     causal_attention: f32[2, 4, 8, 16] = torch.nn.functional.scaled_dot_product_attention(qk_norm_rope_q, keys, values, attn_mask=None, dropout_p=0.0, scale=0.25, is_causal=True, enable_gqa=True)
     transpose_4: f32[2, 8, 4, 16] = causal_attention.transpose(1, 2)
     attn_output_1: f32[2, 8, 4, 16] = transpose_4.contiguous()
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
-    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, getitem_24, model.layers.0.mlp.down_proj.weight)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(getitem_16, getitem_17)
+    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, swiglu, model.layers.0.mlp.down_proj.weight)
     layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual, model.norm.weight, 1e-05)
     getitem_12: f32[2, 8, 64] = layer_norm_1[:, 0:, :]
     decode_linear_3: (f32[2, 8, 128]) = cohere_fx.decode_linear(getitem_12, [model.embed_tokens.weight])
@@ -250,8 +252,7 @@ lora_shrink                 0
 lora_expand                 0
 decode_linear              13
 decode_residual             4
-decode_swiglu               4
-graph 0: 316 nodes -> 132 nodes
+graph 0: 316 nodes -> 140 nodes
 graph(
         args_0: i64[2, 8],
         model.embed_tokens.weight: f32[128, 64],
@@ -318,105 +319,113 @@ graph(
     cos_2: f32[1, 8, 16] = cos_1.to(torch.float32)
     sin_2: f32[1, 8, 16] = sin_1.to(torch.float32)
     layer_norm: f32[2, 8, 64] = cohere_fx.layer_norm(embedding_1, model.layers.0.input_layernorm.weight, 1e-05)
+    decode_linear: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm, [model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight, model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight])
+    getitem_37: f32[2, 8, 64] = decode_linear[0]
+    getitem_38: f32[2, 8, 32] = decode_linear[1]
+    getitem_39: f32[2, 8, 32] = decode_linear[2]
+    getitem_40: f32[2, 8, 256] = decode_linear[3]
+    getitem_41: f32[2, 8, 256] = decode_linear[4]
+    view: f32[2, 8, 4, 16] = getitem_37.view((2, 8, -1, 16))
+    view_1: f32[2, 8, 2, 16] = getitem_38.view((2, 8, -1, 16))
+    view_2: f32[2, 8, 2, 16] = getitem_39.view((2, 8, -1, 16))
+    value_states: f32[2, 2, 8, 16] = view_2.transpose(1, 2)
+    rope: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view, view_1, cos_2, sin_2)
+    rope_k: f32[2, 2, 8, 16] = rope[1]
+    rope_q: f32[2, 4, 8, 16] = rope[0]
     tensor_3: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     tensor_4: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     to_9: i64[] = tensor.to(device('cpu'))
-    decode_swiglu: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256]) = cohere_fx.decode_swiglu(layer_norm, [model.layers.0.self_attn.q_proj.weight, model.layers.0.self_attn.k_proj.weight, model.layers.0.self_attn.v_proj.weight], model.layers.0.mlp.gate_proj.weight, model.layers.0.mlp.up_proj.weight)
-    getitem_69: f32[2, 8, 256] = decode_swiglu[3]
-    getitem_68: f32[2, 8, 32] = decode_swiglu[2]
-    view_2: f32[2, 8, 2, 16] = getitem_68.view((2, 8, -1, 16))
-    value_states: f32[2, 2, 8, 16] = view_2.transpose(1, 2)
-    full_value_states: f32[2, 2, 8, 16] = torch.cat([tensor_4, value_states], dim=-2)
-    getitem_15: f32[2, 2, 3, 16] = full_value_states[:, :, -3:, :]
-    getitem_67: f32[2, 8, 32] = decode_swiglu[1]
-    view_1: f32[2, 8, 2, 16] = getitem_67.view((2, 8, -1, 16))
-    getitem_66: f32[2, 8, 64] = decode_swiglu[0]
-    view: f32[2, 8, 4, 16] = getitem_66.view((2, 8, -1, 16))
-    rope: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view, view_1, cos_2, sin_2)
-    rope_k: f32[2, 2, 8, 16] = rope[1]
     full_key_states: f32[2, 2, 8, 16] = torch.cat([tensor_3, rope_k], dim=-2)
+    full_value_states: f32[2, 2, 8, 16] = torch.cat([tensor_4, value_states], dim=-2)
     getitem_14: f32[2, 2, 3, 16] = full_key_states[:, :, -3:, :]
-    rope_q: f32[2, 4, 8, 16] = rope[0]
+    getitem_15: f32[2, 2, 3, 16] = full_value_states[:, :, -3:, :]
     sliding_attention: f32[2, 4, 8, 16] = cohere_fx.ops.sliding_attention.sliding_window_attention(rope_q, full_key_states, full_value_states, 4, 0.25, True)
     transpose_4: f32[2, 8, 4, 16] = sliding_attention.transpose(1, 2)
     attn_output_1: f32[2, 8, 4, 16] = transpose_4.contiguous()
     reshape_2: f32[2, 8, 64] = attn_output_1.reshape(2, 8, -1)
     attn_output_2: f32[2, 8, 64] = reshape_2.contiguous()
-    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, getitem_69, model.layers.0.mlp.down_proj.weight)
+    swiglu: f32[2, 8, 256] = cohere_fx.swiglu(getitem_40, getitem_41)
+    decode_residual: f32[2, 8, 64] = cohere_fx.decode_residual(embedding_1, attn_output_2, model.layers.0.self_attn.o_proj.weight, swiglu, model.layers.0.mlp.down_proj.weight)
     layer_norm_1: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual, model.layers.1.input_layernorm.weight, 1e-05)
+    decode_linear_3: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_1, [model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight, model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight])
+    getitem_44: f32[2, 8, 64] = decode_linear_3[0]
+    getitem_45: f32[2, 8, 32] = decode_linear_3[1]
+    getitem_46: f32[2, 8, 32] = decode_linear_3[2]
+    getitem_47: f32[2, 8, 256] = decode_linear_3[3]
+    getitem_48: f32[2, 8, 256] = decode_linear_3[4]
+    view_3: f32[2, 8, 4, 16] = getitem_44.view((2, 8, -1, 16))
+    view_4: f32[2, 8, 2, 16] = getitem_45.view((2, 8, -1, 16))
+    view_5: f32[2, 8, 2, 16] = getitem_46.view((2, 8, -1, 16))
+    value_states_1: f32[2, 2, 8, 16] = view_5.transpose(1, 2)
+    rope_1: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view_3, view_4, cos_2, sin_2)
+    rope_1_k: f32[2, 2, 8, 16] = rope_1[1]
+    rope_1_q: f32[2, 4, 8, 16] = rope_1[0]
     tensor_5: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     tensor_6: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     to_15: i64[] = tensor_1.to(device('cpu'))
-    decode_swiglu_1: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256]) = cohere_fx.decode_swiglu(layer_norm_1, [model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, model.layers.1.self_attn.v_proj.weight], model.layers.1.mlp.gate_proj.weight, model.layers.1.mlp.up_proj.weight)
-    getitem_73: f32[2, 8, 256] = decode_swiglu_1[3]
-    getitem_72: f32[2, 8, 32] = decode_swiglu_1[2]
-    view_5: f32[2, 8, 2, 16] = getitem_72.view((2, 8, -1, 16))
-    value_states_1: f32[2, 2, 8, 16] = view_5.transpose(1, 2)
-    full_value_states_1: f32[2, 2, 8, 16] = torch.cat([tensor_6, value_states_1], dim=-2)
-    getitem_23: f32[2, 2, 3, 16] = full_value_states_1[:, :, -3:, :]
-    getitem_71: f32[2, 8, 32] = decode_swiglu_1[1]
-    view_4: f32[2, 8, 2, 16] = getitem_71.view((2, 8, -1, 16))
-    getitem_70: f32[2, 8, 64] = decode_swiglu_1[0]
-    view_3: f32[2, 8, 4, 16] = getitem_70.view((2, 8, -1, 16))
-    rope_1: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view_3, view_4, cos_2, sin_2)
-    rope_1_k: f32[2, 2, 8, 16] = rope_1[1]
     full_key_states_1: f32[2, 2, 8, 16] = torch.cat([tensor_5, rope_1_k], dim=-2)
+    full_value_states_1: f32[2, 2, 8, 16] = torch.cat([tensor_6, value_states_1], dim=-2)
     getitem_22: f32[2, 2, 3, 16] = full_key_states_1[:, :, -3:, :]
-    rope_1_q: f32[2, 4, 8, 16] = rope_1[0]
+    getitem_23: f32[2, 2, 3, 16] = full_value_states_1[:, :, -3:, :]
     sliding_attention_1: f32[2, 4, 8, 16] = cohere_fx.ops.sliding_attention.sliding_window_attention(rope_1_q, full_key_states_1, full_value_states_1, 4, 0.25, True)
     transpose_8: f32[2, 8, 4, 16] = sliding_attention_1.transpose(1, 2)
     attn_output_5: f32[2, 8, 4, 16] = transpose_8.contiguous()
     reshape_5: f32[2, 8, 64] = attn_output_5.reshape(2, 8, -1)
     attn_output_6: f32[2, 8, 64] = reshape_5.contiguous()
-    decode_residual_1: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual, attn_output_6, model.layers.1.self_attn.o_proj.weight, getitem_73, model.layers.1.mlp.down_proj.weight)
+    swiglu_1: f32[2, 8, 256] = cohere_fx.swiglu(getitem_47, getitem_48)
+    decode_residual_1: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual, attn_output_6, model.layers.1.self_attn.o_proj.weight, swiglu_1, model.layers.1.mlp.down_proj.weight)
     layer_norm_2: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual_1, model.layers.2.input_layernorm.weight, 1e-05)
+    decode_linear_6: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_2, [model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight, model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight])
+    getitem_51: f32[2, 8, 64] = decode_linear_6[0]
+    getitem_52: f32[2, 8, 32] = decode_linear_6[1]
+    getitem_53: f32[2, 8, 32] = decode_linear_6[2]
+    getitem_54: f32[2, 8, 256] = decode_linear_6[3]
+    getitem_55: f32[2, 8, 256] = decode_linear_6[4]
+    view_6: f32[2, 8, 4, 16] = getitem_51.view((2, 8, -1, 16))
+    view_7: f32[2, 8, 2, 16] = getitem_52.view((2, 8, -1, 16))
+    view_8: f32[2, 8, 2, 16] = getitem_53.view((2, 8, -1, 16))
+    value_states_2: f32[2, 2, 8, 16] = view_8.transpose(1, 2)
+    rope_2: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view_6, view_7, cos_2, sin_2)
+    rope_2_k: f32[2, 2, 8, 16] = rope_2[1]
+    rope_2_q: f32[2, 4, 8, 16] = rope_2[0]
     tensor_7: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     tensor_8: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     to_21: i64[] = tensor_2.to(device('cpu'))
-    decode_swiglu_2: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256]) = cohere_fx.decode_swiglu(layer_norm_2, [model.layers.2.self_attn.q_proj.weight, model.layers.2.self_attn.k_proj.weight, model.layers.2.self_attn.v_proj.weight], model.layers.2.mlp.gate_proj.weight, model.layers.2.mlp.up_proj.weight)
-    getitem_77: f32[2, 8, 256] = decode_swiglu_2[3]
-    getitem_76: f32[2, 8, 32] = decode_swiglu_2[2]
-    view_8: f32[2, 8, 2, 16] = getitem_76.view((2, 8, -1, 16))
-    value_states_2: f32[2, 2, 8, 16] = view_8.transpose(1, 2)
-    full_value_states_2: f32[2, 2, 8, 16] = torch.cat([tensor_8, value_states_2], dim=-2)
-    getitem_31: f32[2, 2, 3, 16] = full_value_states_2[:, :, -3:, :]
-    getitem_75: f32[2, 8, 32] = decode_swiglu_2[1]
-    view_7: f32[2, 8, 2, 16] = getitem_75.view((2, 8, -1, 16))
-    getitem_74: f32[2, 8, 64] = decode_swiglu_2[0]
-    view_6: f32[2, 8, 4, 16] = getitem_74.view((2, 8, -1, 16))
-    rope_2: (f32[2, 4, 8, 16], f32[2, 2, 8, 16]) = cohere_fx.rope(view_6, view_7, cos_2, sin_2)
-    rope_2_k: f32[2, 2, 8, 16] = rope_2[1]
     full_key_states_2: f32[2, 2, 8, 16] = torch.cat([tensor_7, rope_2_k], dim=-2)
+    full_value_states_2: f32[2, 2, 8, 16] = torch.cat([tensor_8, value_states_2], dim=-2)
     getitem_30: f32[2, 2, 3, 16] = full_key_states_2[:, :, -3:, :]
-    rope_2_q: f32[2, 4, 8, 16] = rope_2[0]
+    getitem_31: f32[2, 2, 3, 16] = full_value_states_2[:, :, -3:, :]
     sliding_attention_2: f32[2, 4, 8, 16] = cohere_fx.ops.sliding_attention.sliding_window_attention(rope_2_q, full_key_states_2, full_value_states_2, 4, 0.25, True)
     transpose_12: f32[2, 8, 4, 16] = sliding_attention_2.transpose(1, 2)
     attn_output_9: f32[2, 8, 4, 16] = transpose_12.contiguous()
     reshape_8: f32[2, 8, 64] = attn_output_9.reshape(2, 8, -1)
     attn_output_10: f32[2, 8, 64] = reshape_8.contiguous()
-    decode_residual_2: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_1, attn_output_10, model.layers.2.self_attn.o_proj.weight, getitem_77, model.layers.2.mlp.down_proj.weight)
+    swiglu_2: f32[2, 8, 256] = cohere_fx.swiglu(getitem_54, getitem_55)
+    decode_residual_2: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_1, attn_output_10, model.layers.2.self_attn.o_proj.weight, swiglu_2, model.layers.2.mlp.down_proj.weight)
     layer_norm_3: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual_2, model.layers.3.input_layernorm.weight, 1e-05)
+    decode_linear_9: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256], f32[2, 8, 256]) = cohere_fx.decode_linear(layer_norm_3, [model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight, model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight])
+    getitem_58: f32[2, 8, 64] = decode_linear_9[0]
+    getitem_59: f32[2, 8, 32] = decode_linear_9[1]
+    getitem_60: f32[2, 8, 32] = decode_linear_9[2]
+    getitem_61: f32[2, 8, 256] = decode_linear_9[3]
+    getitem_62: f32[2, 8, 256] = decode_linear_9[4]
+    view_9: f32[2, 8, 4, 16] = getitem_58.view((2, 8, -1, 16))
+    query_states_6: f32[2, 4, 8, 16] = view_9.transpose(1, 2)
+    view_10: f32[2, 8, 2, 16] = getitem_59.view((2, 8, -1, 16))
+    key_states_6: f32[2, 2, 8, 16] = view_10.transpose(1, 2)
+    view_11: f32[2, 8, 2, 16] = getitem_60.view((2, 8, -1, 16))
+    value_states_3: f32[2, 2, 8, 16] = view_11.transpose(1, 2)
     tensor_9: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
     tensor_10: f32[0] = torch.tensor([], dtype=torch.float32, device=device('cpu'))
-    decode_swiglu_3: (f32[2, 8, 64], f32[2, 8, 32], f32[2, 8, 32], f32[2, 8, 256]) = cohere_fx.decode_swiglu(layer_norm_3, [model.layers.3.self_attn.q_proj.weight, model.layers.3.self_attn.k_proj.weight, model.layers.3.self_attn.v_proj.weight], model.layers.3.mlp.gate_proj.weight, model.layers.3.mlp.up_proj.weight)
-    getitem_81: f32[2, 8, 256] = decode_swiglu_3[3]
-    getitem_80: f32[2, 8, 32] = decode_swiglu_3[2]
-    view_11: f32[2, 8, 2, 16] = getitem_80.view((2, 8, -1, 16))
-    value_states_3: f32[2, 2, 8, 16] = view_11.transpose(1, 2)
-    values: f32[2, 2, 8, 16] = torch.cat([tensor_10, value_states_3], dim=-2)
-    getitem_79: f32[2, 8, 32] = decode_swiglu_3[1]
-    view_10: f32[2, 8, 2, 16] = getitem_79.view((2, 8, -1, 16))
-    key_states_6: f32[2, 2, 8, 16] = view_10.transpose(1, 2)
     keys: f32[2, 2, 8, 16] = torch.cat([tensor_9, key_states_6], dim=-2)
-    getitem_78: f32[2, 8, 64] = decode_swiglu_3[0]
-    view_9: f32[2, 8, 4, 16] = getitem_78.view((2, 8, -1, 16))
-    query_states_6: f32[2, 4, 8, 16] = view_9.transpose(1, 2)
+    values: f32[2, 2, 8, 16] = torch.cat([tensor_10, value_states_3], dim=-2)
     causal_attention: f32[2, 4, 8, 16] = torch.nn.functional.scaled_dot_product_attention(query_states_6, keys, values, attn_mask=None, dropout_p=0.0, scale=0.25, is_causal=True, enable_gqa=True)
     transpose_16: f32[2, 8, 4, 16] = causal_attention.transpose(1, 2)
     attn_output_13: f32[2, 8, 4, 16] = transpose_16.contiguous()
     reshape_11: f32[2, 8, 64] = attn_output_13.reshape(2, 8, -1)
     attn_output_14: f32[2, 8, 64] = reshape_11.contiguous()
-    decode_residual_3: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_2, attn_output_14, model.layers.3.self_attn.o_proj.weight, getitem_81, model.layers.3.mlp.down_proj.weight)
+    swiglu_3: f32[2, 8, 256] = cohere_fx.swiglu(getitem_61, getitem_62)
+    decode_residual_3: f32[2, 8, 64] = cohere_fx.decode_residual(decode_residual_2, attn_output_14, model.layers.3.self_attn.o_proj.weight, swiglu_3, model.layers.3.mlp.down_proj.weight)
     layer_norm_4: f32[2, 8, 64] = cohere_fx.layer_norm(decode_residual_3, model.norm.weight, 1e-05)
     getitem_36: f32[2, 8, 64] = layer_norm_4[:, 0:, :]
     decode_linear_12: (f32[2, 8, 128]) = cohere_fx.decode_linear(getitem_36, [model.embed_tokens.weight])

@@ -17,8 +17,7 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import cdiv, next_power_of_2
-from cohere_fx.kernels.dependent_launch import dependent_launch, prefetch_bytes, prefetch_rows, wait_for_inputs
-from cohere_fx.kernels.swiglu import swiglu_fp32
+from cohere_fx.kernels.dependent_launch import dependent_launch, wait_for_inputs
 
 
 @triton.jit
@@ -48,9 +47,7 @@ def decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn,
 @triton.jit
 def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, stride_ym,
                K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    if PREFETCH:
-        prefetch_rows(w_ptr, n0, N, K, stride_wn, BLOCK_N, PREFETCH)
+               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     acc = decode_linear_acc(x_ptr, w_ptr, n0, M, N, stride_xm, stride_wn, K, BLOCK_M, BLOCK_N, BLOCK_K,
                             DOT_PRECISION, UPCAST)
@@ -61,57 +58,27 @@ def _decode_linear_tile(x_ptr, w_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, str
 
 
 @triton.jit
-def _decode_swiglu_tile(x_ptr, wg_ptr, wu_ptr, y_ptr, n0, M, N, stride_xm, stride_wn, stride_ym,
-                        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
-                        PREFETCH: tl.constexpr):
-    """``swiglu(x @ wg[n0:n0 + BLOCK_N].T, x @ wu[n0:n0 + BLOCK_N].T)``: both products rounded to the dtype, then
-    the SwiGLU kernel's math (``swiglu_fp32``), so the tile is bitwise what the two launches wrote."""
-    if PREFETCH:
-        prefetch_rows(wg_ptr, n0, N, K, stride_wn, BLOCK_N, PREFETCH)
-    wait_for_inputs(PDL)
-    gate = decode_linear_acc(x_ptr, wg_ptr, n0, M, N, stride_xm, stride_wn, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                             DOT_PRECISION, UPCAST)
-    up = decode_linear_acc(x_ptr, wu_ptr, n0, M, N, stride_xm, stride_wn, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                           DOT_PRECISION, UPCAST)
-    dtype = y_ptr.dtype.element_ty
-    act = swiglu_fp32(gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32))
-    rm = tl.arange(0, BLOCK_M)
-    rn = n0 + tl.arange(0, BLOCK_N)
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], act.to(dtype), mask=(rm < M)[:, None] & (rn < N)[None, :])
-
-
-@triton.jit
 def _decode_linear_kernel(x_ptr, w0, w1, w2, w3, w4, y0, y1, y2, y3, y4, N0, N1, N2, N3, N4, P1, P2, P3, P4, M, stride_xm,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                 SWIGLU: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """Weight i's programs start at P_i (P0 = 0; unused slots have N = 0 and no programs). Weights and outputs
-    are row-major with rows of K and N_i elements (the launcher makes them so). With SWIGLU, w0 and w1 are gate
-    and up: slot 0's programs write ``swiglu(x @ w0.T, x @ w1.T)`` to y0, and slot 1 has none. They come first on
-    the grid because they stream twice the bytes of the others: the short programs fill the last wave. (For sm_90
-    at GROUPED_CONFIG this kernel takes 122 registers a thread with SWIGLU, 116 without: four programs per SM
-    either way; with the pair in slot 3 it took 159, three.)"""
+    are row-major with rows of K and N_i elements (the launcher makes them so)."""
     pid = tl.program_id(0)
     if pid < P1:
-        if SWIGLU:
-            _decode_swiglu_tile(x_ptr, w0, w1, y0, pid * BLOCK_N, M, N0, stride_xm, K, N0, K, BLOCK_M, BLOCK_N,
-                                BLOCK_K, DOT_PRECISION, UPCAST, PDL, PREFETCH)
-        else:
-            _decode_linear_tile(x_ptr, w0, y0, pid * BLOCK_N, M, N0, stride_xm, K, N0, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                                DOT_PRECISION, UPCAST, PDL, PREFETCH)
+        _decode_linear_tile(x_ptr, w0, y0, pid * BLOCK_N, M, N0, stride_xm, K, N0, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                   DOT_PRECISION, UPCAST, PDL)
     elif pid < P2:
         _decode_linear_tile(x_ptr, w1, y1, (pid - P1) * BLOCK_N, M, N1, stride_xm, K, N1, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
+                   DOT_PRECISION, UPCAST, PDL)
     elif pid < P3:
         _decode_linear_tile(x_ptr, w2, y2, (pid - P2) * BLOCK_N, M, N2, stride_xm, K, N2, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
+                   DOT_PRECISION, UPCAST, PDL)
     elif pid < P4:
         _decode_linear_tile(x_ptr, w3, y3, (pid - P3) * BLOCK_N, M, N3, stride_xm, K, N3, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
+                   DOT_PRECISION, UPCAST, PDL)
     else:
         _decode_linear_tile(x_ptr, w4, y4, (pid - P4) * BLOCK_N, M, N4, stride_xm, K, N4, K, BLOCK_M, BLOCK_N, BLOCK_K,
-                   DOT_PRECISION, UPCAST, PDL, PREFETCH)
+                   DOT_PRECISION, UPCAST, PDL)
 
 
 MAX_WEIGHTS = 5  # q, k, v, gate and up read one LayerNorm output in Cohere's parallel block
@@ -146,10 +113,8 @@ def launch_options(x, config) -> dict:
                 UPCAST=upcast or not x.is_cuda or fp32, num_warps=warps, num_stages=stages)
 
 
-def decode_linear_fwd(x, weights, config=None, swiglu=False):
-    """[x @ w.T for w in weights]: x [M, K] (M <= MAX_ROWS, unit last stride), 1-MAX_WEIGHTS row-major [N_i, K].
-    With ``swiglu`` the last two weights are gate and up (one shape; at most three others before them), and the
-    last output is ``swiglu(x @ gate.T, x @ up.T)`` in their place (cohere_fx.decode_swiglu)."""
+def decode_linear_fwd(x, weights, config=None):
+    """[x @ w.T for w in weights]: x [M, K] (M <= MAX_ROWS, unit last stride), 1-MAX_WEIGHTS row-major [N_i, K]."""
     import torch
 
     from cohere_fx.kernels import on_device
@@ -162,27 +127,17 @@ def decode_linear_fwd(x, weights, config=None, swiglu=False):
         if w.dim() != 2 or w.shape[1] != k or not w.is_contiguous() or w.dtype != x.dtype:
             raise ValueError(f"decode_linear: weight {w.dtype}{tuple(w.shape)} strides {w.stride()} does not fit x "
                              f"{x.dtype}{tuple(x.shape)} (row-major [N, K] expected)")
-    if swiglu and (len(weights) < 2 or weights[-1].shape != weights[-2].shape):
-        raise ValueError(f"decode_swiglu: gate and up weights of one shape last, got "
-                         f"{[tuple(w.shape) for w in weights]}")
     config = config or _config(weights)
     block_n, block_k = config[:2]
-    outs = [torch.empty((m, w.shape[0]), dtype=x.dtype, device=x.device) for w in weights[:-1 if swiglu else None]]
-    if swiglu:  # gate and up in slots 0 and 1, the others after them
-        plain, unused = len(weights) - 2, MAX_WEIGHTS - len(weights)
-        slot_weights = weights[plain:] + weights[:plain] + weights[:1] * unused
-        slot_outs = outs[plain:] * 2 + outs[:plain] + outs[:1] * unused
-        sizes = [weights[-1].shape[0], 0] + [w.shape[0] for w in weights[:plain]] + [0] * unused
-    else:
-        unused = MAX_WEIGHTS - len(weights)
-        slot_weights, slot_outs = weights + weights[:1] * unused, outs + outs[:1] * unused
-        sizes = [w.shape[0] for w in weights] + [0] * unused
+    outs = [torch.empty((m, w.shape[0]), dtype=x.dtype, device=x.device) for w in weights]
+    unused = MAX_WEIGHTS - len(weights)
+    sizes = [w.shape[0] for w in weights] + [0] * unused
     starts = [0]
     for n in sizes:
         starts.append(starts[-1] + cdiv(n, block_n))
     with on_device(x):
         _decode_linear_kernel[(starts[-1],)](
-            x, *slot_weights, *slot_outs, *sizes, *starts[1:MAX_WEIGHTS], m, x.stride(0), K=k,
-            BLOCK_K=min(block_k, next_power_of_2(k)), SWIGLU=swiglu, **launch_options(x, config),
-            **dependent_launch(x, "decode_linear"), PREFETCH=prefetch_bytes(x, "decode_linear"))
+            x, *weights, *weights[:1] * unused, *outs, *outs[:1] * unused, *sizes, *starts[1:MAX_WEIGHTS], m,
+            x.stride(0), K=k, BLOCK_K=min(block_k, next_power_of_2(k)), **launch_options(x, config),
+            **dependent_launch(x))
     return outs

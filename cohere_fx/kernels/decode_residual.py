@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import cdiv, next_power_of_2
-from cohere_fx.kernels.dependent_launch import dependent_launch, prefetch_bytes, prefetch_rows, wait_for_inputs
+from cohere_fx.kernels.dependent_launch import dependent_launch, wait_for_inputs
 from cohere_fx.kernels.decode_linear import MAX_ROWS, SINGLE_CONFIG, decode_linear_acc, launch_options
 
 
@@ -22,11 +22,9 @@ from cohere_fx.kernels.decode_linear import MAX_ROWS, SINGLE_CONFIG, decode_line
 def _decode_residual_kernel(r_ptr, a_ptr, wo_ptr, h_ptr, wd_ptr, y_ptr, M, N, stride_rm, stride_am, stride_hm,
                             stride_ym, KO: tl.constexpr, KD: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                            UPCAST: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    n0 = tl.program_id(0) * BLOCK_N
-    if PREFETCH:
-        prefetch_rows(wo_ptr, n0, N, KO, KO, BLOCK_N, PREFETCH)
+                            UPCAST: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
+    n0 = tl.program_id(0) * BLOCK_N
     attn = decode_linear_acc(a_ptr, wo_ptr, n0, M, N, stride_am, KO, KO, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
                              UPCAST)
     mlp = decode_linear_acc(h_ptr, wd_ptr, n0, M, N, stride_hm, KD, KD, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
@@ -74,5 +72,5 @@ def decode_residual_fwd(residual, attn, o_weight, mlp, down_weight, config=None)
             residual, attn, o_weight, mlp, down_weight, out, m, n, residual.stride(0), attn.stride(0),
             mlp.stride(0), out.stride(0), KO=attn.shape[1], KD=mlp.shape[1],
             BLOCK_K=min(block_k, next_power_of_2(min(attn.shape[1], mlp.shape[1]))), **launch_options(residual, config),
-            **dependent_launch(residual, "decode_residual"), PREFETCH=prefetch_bytes(residual, "decode_residual"))
+            **dependent_launch(residual))
     return out

@@ -116,7 +116,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
         with on_device(x):
             _layer_norm_fwd_kernel[(m,)](x2, weight.contiguous(), y, x2.stride(0), n, float(eps),
                                          BLOCK_N=block_n, num_warps=_fwd_num_warps(block_n),
-                                         **dependent_launch(x, "layer_norm"))
+                                         **dependent_launch(x))
     return y.view(x.shape)
 
 

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from cohere_fx.kernels import cdiv, next_power_of_2, sm_count
-from cohere_fx.kernels.dependent_launch import dependent_launch, wait_for_inputs
 
 _LOG2E = 1.4426950408889634
 
@@ -31,9 +30,8 @@ def _paged_attention_partial(
     qk_scale, window, num_parts,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-    FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    FINAL: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGES: tl.constexpr,
 ):
-    wait_for_inputs(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -96,9 +94,8 @@ def _paged_attention_partial(
 @triton.jit
 def _paged_attention_reduce(
     o_part_ptr, m_ptr, l_ptr, out_ptr, num_parts,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, P_PAD: tl.constexpr,
 ):
-    wait_for_inputs(PDL)
     row = tl.program_id(0)  # b * H + h
     p = tl.arange(0, P_PAD)
     d = tl.arange(0, D_PAD)
@@ -178,12 +175,11 @@ def paged_attention_fwd(
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=max(16, next_power_of_2(group)),
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=block_size, TILE_N=tile_n, FINAL=parts == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # no tf32 rounding for fp32 caches
-        STAGES=STAGES, num_warps=NUM_WARPS, **dependent_launch(q, "paged_attention"),
+        STAGES=STAGES, num_warps=NUM_WARPS,
     )
     if parts > 1:
         _paged_attention_reduce[(batch * num_heads,)](
             o_part, m_part, l_part, out, parts,
             HEAD_DIM=head_dim, D_PAD=d_pad, P_PAD=max(2, next_power_of_2(parts)), num_warps=4,
-            **dependent_launch(q, "paged_attention_reduce"),
         )
     return out

@@ -73,5 +73,5 @@ def rope_kv_write_fwd(q, k, v, cos, sin, q_weight, k_weight, eps, k_pool, v_pool
             k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1),
             v_pool.stride(2), stride_cb, float(eps), k_pool.shape[1], q_blocks, k_blocks,
             HAS_NORM=has_norm, D=d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, num_warps=NUM_WARPS,
-            **dependent_launch(q, "rope_kv_write"))
+            **dependent_launch(q))
     return q_out

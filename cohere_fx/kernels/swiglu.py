@@ -24,20 +24,14 @@ def _sigmoid(g):
 
 
 @triton.jit
-def swiglu_fp32(g, u):
-    """silu(g) * u of fp32 tiles: the forward's math, shared with decode_swiglu's epilogue (kernels/decode_linear.py)
-    so that the two round alike."""
-    return tl.math.div_rn(g, 1.0 + tl.exp(-g)) * u
-
-
-@triton.jit
 def _swiglu_fwd_kernel(GATE, UP, OUT, numel, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + offs, swiglu_fp32(g, u).to(OUT.dtype.element_ty), mask=mask)
+    silu = tl.math.div_rn(g, 1.0 + tl.exp(-g))
+    tl.store(OUT + offs, (silu * u).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -62,7 +56,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel():
         with on_device(gate):
             _swiglu_fwd_kernel[grid(out.numel())](gate.contiguous(), up.contiguous(), out, out.numel(),
-                                                  BLOCK=BLOCK, num_warps=NUM_WARPS, **dependent_launch(gate, "swiglu"))
+                                                  BLOCK=BLOCK, num_warps=NUM_WARPS, **dependent_launch(gate))
     return out
 
 

@@ -14,7 +14,6 @@ from cohere_fx.ops import parallel_residual  # noqa: F401
 from cohere_fx.ops import embedding  # noqa: F401
 from cohere_fx.ops import decode_linear  # noqa: F401
 from cohere_fx.ops import decode_residual  # noqa: F401
-from cohere_fx.ops import decode_swiglu  # noqa: F401
 from cohere_fx.ops import rope_kv_write  # noqa: F401
 from cohere_fx.ops import lora  # noqa: F401
 

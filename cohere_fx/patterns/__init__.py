@@ -2,7 +2,6 @@
 from cohere_fx.patterns import causal_attention
 from cohere_fx.patterns import decode_linear
 from cohere_fx.patterns import decode_residual
-from cohere_fx.patterns import decode_swiglu
 from cohere_fx.patterns import embedding
 from cohere_fx.patterns import layer_norm
 from cohere_fx.patterns import linear_cross_entropy
@@ -37,7 +36,6 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     lora_expand.PATTERN,
     decode_linear.PATTERN,  # decode steps only (no gradient, <= 16 rows): after the fusions that read linears
     decode_residual.PATTERN,  # reads decode_linear's o and down calls and parallel_residual
-    decode_swiglu.PATTERN,  # reads decode_linear's q, k, v, gate and up call and swiglu
 )}
 
 __all__ = ["PATTERNS", "Match", "Pattern"]
