@@ -19,7 +19,8 @@ edges (CUDA 12.3+), which is where decode runs.
 Which kernels: LayerNorm, decode_linear, rope_kv_write, SwiGLU and decode_residual. Not paged attention: its
 programs hold ~190 KB of shared memory each (pipelined 128-token K/V tiles), and with it launched this way
 Command-R7B Engine decode at 16 sequences ran at 2215.5 decode tok/s against 2352.7 without PDL (H100, tree 8cdf720,
-benchmarks/results/decode-command-r7b-20261206T150014Z.json and -T150118Z.json; batch 1 162.8 vs 161.8). On a tree
+benchmarks/results/reverted/decode-command-r7b-20261206T150014Z.json and
+benchmarks/results/decode-command-r7b-20261206T150118Z.json; batch 1 162.8 vs 161.8). On a tree
 with one more (since dropped) fusion, leaving paged attention out turned that loss into a gain: 2265.9 vs 2245.2
 (benchmarks/results/reverted/decode-command-r7b-20261206T154800Z.json and -T154638Z.json). Off unless
 ``COHERE_FX_PDL=1`` (read at each launch) until main's own A/B (``gpu_suite.sh ab-pdl``) says otherwise.
