@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_suite.sh sweep-decode  # the decode kernel's sweep alone: decode_linear (over 5 minutes in
 #                                           # all: SWEEP_ARGS="--groups down,head --rows 16" takes a part)
 #   bash benchmarks/gpu_suite.sh sweep-residual  # decode_residual's launch configs vs the three launches it replaces
+#   bash benchmarks/gpu_suite.sh sweep-step # Command-R7B B16 decode steps over configs of the grouped decode_linear
+#                                           # launch and decode_residual, in the step (SWEEP_ARGS replaces the list)
 #   bash benchmarks/gpu_suite.sh sweep-lora # lora_expand's one-pass backward: launch configs vs the two passes
 #   bash benchmarks/gpu_suite.sh sweep-paged  # paged_attention's launch configs alone
 #   bash benchmarks/gpu_suite.sh prefill    # r7b-8L prefill B4xS2048: eager, inductor, cohere_fx
@@ -95,6 +97,8 @@ for stage in "$@"; do
              python benchmarks/sweep_lora.py | tee "$out/sweep-lora.txt" ;;
     sweep-decode) sweep_decode ;;
     sweep-residual) python benchmarks/sweep_decode_residual.py --out "$out" ;;
+    sweep-step) python benchmarks/sweep_decode_step.py --out "$out" ${SWEEP_ARGS:---grouped 16,256,4,3,0 16,128,4,2,0 \
+               16,512,4,2,0 32,256,4,2,0 32,256,4,3,0 --single 32,256,4,3,0 16,256,4,4,0 64,256,4,4,0} ;;
     sweep-lora) python benchmarks/sweep_lora.py | tee "$out/sweep-lora.txt" ;;
     sweep-paged) python benchmarks/sweep_paged_attention.py | tee "$out/sweep-paged_attention.txt" ;;
     prefill) python -m cohere_fx.bench prefill $BENCH_ARGS --out "$out" ;;

@@ -38,7 +38,7 @@ ce, ab-decode, ab-residual, ab-pdl, ab-train, ab-lora, ab-qlora, ab-tree, cg-tra
 patterns its `how` leaves out), or from the same bench command run directly (the command is shown in each section), with `--out $OUT`; the
 QLoRA stage carries the bitsandbytes 0.50.2 wheel, absent from the GPU image. Beside the records, each headed by its
 command, device and versions: launch-config sweeps (`benchmarks/results/sweep-*.txt` and `sweep-*.log`, and
-`decode_linear-sweep-*.json` and `decode_residual-sweep-*.json` from `benchmarks/sweep_decode_*.py`), the `ce` stage's H100 loss test
+`decode_linear-sweep-*.json`, `decode_residual-sweep-*.json` and `decode_step-sweep-*.json` from `benchmarks/sweep_decode_*.py`), the `ce` stage's H100 loss test
 (`ce-*.log`), GPU test runs (`tests-*.log`), `nvidia-smi` clocks and power during runs (`smi-*.log`) and runs cut short before their record was written (`*.log`); records
 of reverted changes are in `reverted/` with a note (this page leaves them out). A record's `env.git` names the tree
 that ran where the run set `COHERE_FX_GIT`; device records without it name the device's stale `.git` (`e77f7f3-dirty`,
