@@ -1,7 +1,7 @@
 """The whole decode step over launch configs of its weight-streaming kernels: what a config is worth where the
-kernel runs between the others, not alone. (A profiled Command-R7B batch-16 step had the grouped q/k/v/gate/up
-launch at 102 us a layer, against 97.6 us for the same config in sweep_decode_linear.py, which times it alone:
-benchmarks/results/profile-decode-command-r7b-b16-h100-20261206T1551.log.)
+kernel runs between the others, not alone. (In a profiled Command-R7B batch-16 step the grouped q/k/v/gate/up
+launch took ~102 us a layer, where sweep_decode_linear.py's 2.92 TB/s for it alone is 97.7 us:
+benchmarks/results/profile-decode-command-r7b-b16-h100-20261206T1551.log, README's footnote 5.)
 
     python benchmarks/sweep_decode_step.py [--preset command-r7b] [--batch 16] [--prompt 512] [--steps 64]
         [--grouped 16,256,4,2,0 32,256,4,2,0 ...] [--single ...] [--head ...] [--out DIR]
