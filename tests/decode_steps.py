@@ -40,22 +40,27 @@ def tiny_models():
             Cohere2ForCausalLM(tiny_cohere2_config(layers=2, initializer_range=0.2)).eval())
 
 
+def decode_step_args(model) -> tuple:
+    """``decode_step``'s arguments for ``two_slot_step``'s bucket."""
+    _, bucket = two_slot_step(model)
+    return model, bucket.view, bucket.input_ids, bucket.position_ids
+
+
 def explain_decode_step(model, **explain_kwargs):
     """(``cohere_fx.explain`` of ``two_slot_step``'s decode step, that step's arguments)."""
-    _, bucket = two_slot_step(model)
-    args = (model, bucket.view, bucket.input_ids, bucket.position_ids)
+    args = decode_step_args(model)
     with torch.no_grad():
         return cohere_fx.explain(decode_step, *args, **explain_kwargs), args
 
 
-def assert_compiled_step_equals_eager(args):
-    """The step compiled with cohere_fx (no inductor) gives eager's logits; the pools are restored in between, as
-    both steps write the new token's K and V."""
+def assert_compiled_step_equals_eager(args, **options):
+    """The step compiled with cohere_fx (no inductor; ``options`` added) gives eager's logits; the pools are
+    restored in between, as both steps write the new token's K and V."""
     view = args[1]
     pools = [p.clone() for p in view.k_pools + view.v_pools]
     with torch.no_grad():
         eager = decode_step(*args)
         for live, saved in zip(view.k_pools + view.v_pools, pools):
             live.copy_(saved)
-        compiled = torch.compile(decode_step, backend="cohere_fx", fullgraph=True, options={"inductor": False})(*args)
+        compiled = torch.compile(decode_step, backend="cohere_fx", fullgraph=True, options={"inductor": False, **options})(*args)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

@@ -13,8 +13,7 @@ import cohere_fx.ops  # noqa: F401
 from cohere_fx.configs import tiny_cohere_config
 from cohere_fx.kernels.decode_linear import decode_linear_fwd
 from cohere_fx.passes import pass_names
-from cohere_fx.runtime.decode_runner import decode_step
-from decode_steps import two_slot_step
+from decode_steps import assert_compiled_step_equals_eager, decode_step_args, explain_decode_step, tiny_models
 
 op = torch.ops.cohere_fx.decode_linear
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernel on a GPU, the interpreter in CI
@@ -62,23 +61,15 @@ def test_op_keeps_leading_dims_and_falls_back_beyond_the_kernel():
         op(torch.randn(1, 32, device=DEVICE), [torch.randn(8, 16, device=DEVICE)])
 
 
-def decode_graph(model, options=None):
-    runner, bucket = two_slot_step(model)
-    with torch.no_grad():
-        return cohere_fx.explain(decode_step, model, bucket.view, bucket.input_ids, bucket.position_ids,
-                                 options=options)
-
-
 def tiny_model():
-    torch.manual_seed(0)
-    return CohereForCausalLM(tiny_cohere_config(layers=2, initializer_range=0.2)).eval()
+    return tiny_models()[0]
 
 
 def test_decode_step_fuses_one_launch_per_layer_and_takes_every_linear():
     """Per layer one launch for q, k, v, gate and up, one each for o and down; one for the head (decode_residual,
     which takes o and down further, left out)."""
     model = tiny_model()
-    report = decode_graph(model, {"passes": [n for n in pass_names() if n != "decode_residual"]})
+    report, _ = explain_decode_step(model, options={"passes": [n for n in pass_names() if n != "decode_residual"]})
     c = model.config
     assert report.matches["decode_linear"] == 3 * c.num_hidden_layers + 1
     (graph,) = report.graphs
@@ -93,17 +84,7 @@ def test_decode_step_fuses_one_launch_per_layer_and_takes_every_linear():
 
 
 def test_rewritten_decode_step_equals_eager():
-    model = tiny_model()
-    runner, bucket = two_slot_step(model)
-    args = (model, bucket.view, bucket.input_ids, bucket.position_ids)
-    pools = [p.clone() for p in bucket.view.k_pools]
-    with torch.no_grad():
-        eager = decode_step(*args)
-        for live, saved in zip(bucket.view.k_pools, pools):
-            live.copy_(saved)
-        compiled = torch.compile(decode_step, backend="cohere_fx", fullgraph=True,
-                                 options={"inductor": False, "passes": ["decode_linear"]})(*args)
-    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    assert_compiled_step_equals_eager(decode_step_args(tiny_model()), passes=["decode_linear"])
 
 
 def test_not_applied_with_gradients_or_many_rows():
