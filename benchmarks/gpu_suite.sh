@@ -34,6 +34,9 @@
 #                                           # without them (two runs, one after the other)
 #   bash benchmarks/gpu_suite.sh cg-lora cg-qlora  # ab-lora / ab-qlora with inductor's CUDA graphs (cudagraph trees):
 #                                           # set beside ab-lora / ab-qlora, how much of a step is host overhead
+#   bash benchmarks/gpu_suite.sh cg-swiglu-lora  # LoRA, then QLoRA steps with inductor's CUDA graphs, with and without
+#                                           # swiglu_lora_shrink (ABLATE=<patterns> names what ab-/cg- stages drop)
+#   bash benchmarks/gpu_suite.sh sweep-swiglu-lora  # swiglu_lora_shrink's backward configs vs the unfused kernels
 # Several stages may be given; JSON goes to $OUT (or benchmarks/results), logs too, a short table last.
 # COHERE_FX_GIT=<commit> names the tree in the records: the device's copy of the checkout has a stale .git.
 # BENCH_ARGS (e.g. "--passes layer_norm,rope") is appended to every bench command.
@@ -63,14 +66,14 @@ each_preset() {  # the engine decode of both presets at B1 and B16; extra bench 
   done
 }
 CUDAGRAPHS='inductor_config={"triton.cudagraphs": true}'
-ab_lora() {  # a LoRA (lora) or QLoRA (qlora) step with and without lora_shrink + lora_expand; extra arguments follow
+ab_lora() {  # a LoRA (lora) or QLoRA (qlora) step with and without the patterns in $ABLATE; extra arguments follow
   local mode=$1
   shift
   if [ "$mode" = qlora ]; then  # bitsandbytes is not on the GPU image: carry its wheel in .whl/
     python -m pip install -q --no-index --no-deps --target /tmp/bnb .whl/bitsandbytes-*.whl || return 1
   fi
   PYTHONPATH="/tmp/bnb:$PYTHONPATH" python -m cohere_fx.bench train $BENCH_ARGS --mode "$mode" \
-    --option return_logits=false --compare cohere_fx,cohere_fx-ablated --ablate lora_shrink,lora_expand \
+    --option return_logits=false --compare cohere_fx,cohere_fx-ablated --ablate "${ABLATE:-lora_shrink,lora_expand}" \
     --out "$out" "$@"
 }
 INTERLEAVE=--interleave  # the ab- stages alternate the two systems' steps: the step time drifts within a run
@@ -141,6 +144,9 @@ for stage in "$@"; do
               OUT="$out" COHERE_FX_GIT="${REF_GIT:-}" bash benchmarks/gpu_suite.sh ab-lora) ;;
     cg-lora) ab_lora lora --option "$CUDAGRAPHS" ;;
     cg-qlora) ab_lora qlora --option "$CUDAGRAPHS" ;;
+    cg-swiglu-lora) ABLATE=swiglu_lora_shrink ab_lora lora --option "$CUDAGRAPHS" &&
+             ABLATE=swiglu_lora_shrink ab_lora qlora --option "$CUDAGRAPHS" ;;
+    sweep-swiglu-lora) python benchmarks/sweep_swiglu_lora_shrink.py --out "$out" ${SWEEP_ARGS:-} ;;
     *) echo "unknown stage $stage"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" -ne 0 ] && status=1

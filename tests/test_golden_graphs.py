@@ -63,6 +63,7 @@ scaled_cross_entropy        0
 lora_shared_input           0
 lora_shrink                 0
 lora_expand                 0
+swiglu_lora_shrink          0
 decode_linear               4
 decode_residual             1
 graph 0: 141 nodes -> 46 nodes
@@ -156,6 +157,7 @@ scaled_cross_entropy        0
 lora_shared_input           0
 lora_shrink                 0
 lora_expand                 0
+swiglu_lora_shrink          0
 decode_linear               4
 decode_residual             1
 graph 0: 136 nodes -> 53 nodes
@@ -250,6 +252,7 @@ scaled_cross_entropy        0
 lora_shared_input           0
 lora_shrink                 0
 lora_expand                 0
+swiglu_lora_shrink          0
 decode_linear              13
 decode_residual             4
 graph 0: 316 nodes -> 140 nodes

@@ -152,10 +152,11 @@ def test_opcheck_and_refusals():
         ops.lora_expand(base, h, b.t().contiguous(), 2.0, False)
 
 
-def lora_model(dtype=torch.bfloat16, dropout=0.0, layers=2):
+def lora_model(dtype=torch.bfloat16, dropout=0.0, layers=2, rank=4):
     torch.manual_seed(0)
     model = CohereForCausalLM(tiny_cohere_config(layers=layers)).to(dtype)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=TARGETS,
+                        init_lora_weights=False)
     return get_peft_model(model, config).train()
 
 
@@ -227,8 +228,9 @@ def saved_for_backward(model, ids):
 
 def test_backward_keeps_no_fp32_activation_and_recomputes_lora_inputs():
     """What PEFT's path keeps: fp32 copies of the norm output, the attention output and the SwiGLU output. What the
-    LoRA ops keep: none of those, and no SwiGLU output either (recomputed from gate and up, which stay), nor the
-    norm output (recomputed from its input): marks that the rewritten graph's text shows."""
+    LoRA ops keep: none of those, and no SwiGLU output either (swiglu_lora_shrink's backward recomputes it from gate
+    and up, which stay), nor the norm output (recomputed from its input: a mark that the rewritten graph's text
+    shows)."""
     model, ids = lora_model(), torch.randint(3, 128, (2, 8))
     tokens, hidden, ffn = ids.numel(), model.config.hidden_size, model.config.intermediate_size
     activations = [(dtype, shape) for dtype, shape in saved_for_backward(model, ids)
@@ -236,9 +238,9 @@ def test_backward_keeps_no_fp32_activation_and_recomputes_lora_inputs():
     assert not [a for a in activations if a[0] == torch.float32], activations
     assert sum(shape[-1] == ffn for _, shape in activations) == 2 * 2, activations  # gate and up per layer
     after = str(cohere_fx.explain(model, ids, labels=ids))
-    assert after.count("= cohere_fx.swiglu(") == after.count("swiglu(lora_expand") == 2
-    assert all("# recomputed in backward" in line for line in after.splitlines()
-               if "= cohere_fx.swiglu(" in line or "= cohere_fx.layer_norm(" in line and "input_layernorm" in line)
+    assert after.count("= cohere_fx.swiglu_lora_shrink(lora_expand") == 2
+    norms = [line for line in after.splitlines() if "= cohere_fx.layer_norm(" in line and "input_layernorm" in line]
+    assert len(norms) == 2 and all("# recomputed in backward" in line for line in norms)
 
 
 @pytest.mark.slow

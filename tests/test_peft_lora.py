@@ -27,10 +27,11 @@ def _assert_counts(lora, plain, fused_groups, split_lookup=False, low_precision_
     hooks the embedding's output, Dynamo breaks the graph there and the lookup lands in a graph of its own, which
     holds no Cohere module and is left alone: no ``embedding`` match (the frozen lookup has no gradient to fix).
     ``low_precision_layers``: layers with a bf16 base and fp32 adapters, where each layer's three LoRA A GEMMs
-    (the fused one, o's, down's) become lora_shrink and its seven updates lora_expand."""
+    (the fused one, o's, down's) become lora_shrink, its seven updates lora_expand, and down's with the SwiGLU it
+    reads swiglu_lora_shrink."""
     lora, plain = dict(lora.matches), dict(plain.matches)
     assert (lora.pop(FUSED), plain.pop(FUSED)) == (fused_groups, 0)
-    for name, per_layer in (("lora_shrink", 3), ("lora_expand", 7)):
+    for name, per_layer in (("lora_shrink", 3), ("lora_expand", 7), ("swiglu_lora_shrink", 1)):
         assert (lora.pop(name), plain.pop(name)) == (per_layer * low_precision_layers, 0)
     if split_lookup:
         assert (lora.pop("embedding"), plain.pop("embedding")) == (0, 1)

@@ -19,8 +19,17 @@ from cohere_fx.kernels.elementwise import BLOCK, NUM_WARPS, check_kernel_inputs,
 
 
 @triton.jit
-def _sigmoid(g):
-    return tl.math.div_rn(1.0, 1.0 + tl.exp(-g))
+def silu(g):
+    """The forward's SiLU in fp32 (shared with swiglu_lora_shrink, whose backward recomputes it bit for bit)."""
+    return tl.math.div_rn(g, 1.0 + tl.exp(-g))
+
+
+@triton.jit
+def swiglu_grads(dout, g, u):
+    """(dgate, dup) in fp32 from fp32 dout, gate and up: d silu / dg = s * (1 + g * (1 - s)), torch's
+    silu_backward formula."""
+    s = tl.math.div_rn(1.0, 1.0 + tl.exp(-g))
+    return dout * u * (s * (1.0 + g * (1.0 - s))), dout * (g * s)
 
 
 @triton.jit
@@ -30,8 +39,7 @@ def _swiglu_fwd_kernel(GATE, UP, OUT, numel, BLOCK: tl.constexpr, PDL: tl.conste
     mask = offs < numel
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    silu = tl.math.div_rn(g, 1.0 + tl.exp(-g))
-    tl.store(OUT + offs, (silu * u).to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + offs, (silu(g) * u).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -41,10 +49,7 @@ def _swiglu_bwd_kernel(DOUT, GATE, UP, DGATE, DUP, numel, BLOCK: tl.constexpr):
     dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
-    s = _sigmoid(g)
-    # d silu / dg = s * (1 + g * (1 - s)), torch's silu_backward formula
-    dgate = dout * u * (s * (1.0 + g * (1.0 - s)))
-    dup = dout * (g * s)
+    dgate, dup = swiglu_grads(dout, g, u)
     tl.store(DGATE + offs, dgate.to(DGATE.dtype.element_ty), mask=mask)
     tl.store(DUP + offs, dup.to(DUP.dtype.element_ty), mask=mask)
 

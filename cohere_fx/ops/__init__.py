@@ -16,6 +16,7 @@ from cohere_fx.ops import decode_linear  # noqa: F401
 from cohere_fx.ops import decode_residual  # noqa: F401
 from cohere_fx.ops import rope_kv_write  # noqa: F401
 from cohere_fx.ops import lora  # noqa: F401
+from cohere_fx.ops import swiglu_lora_shrink  # noqa: F401
 
 
 def custom_ops() -> list:

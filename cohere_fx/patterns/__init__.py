@@ -16,6 +16,7 @@ from cohere_fx.patterns import rope_kv_write
 from cohere_fx.patterns import scaled_cross_entropy
 from cohere_fx.patterns import sliding_attention
 from cohere_fx.patterns import swiglu
+from cohere_fx.patterns import swiglu_lora_shrink
 from cohere_fx.patterns.base import Match, Pattern
 
 PATTERNS: dict[str, Pattern] = {p.name: p for p in (
@@ -34,6 +35,7 @@ PATTERNS: dict[str, Pattern] = {p.name: p for p in (
     lora_shared_input.PATTERN,
     lora_shrink.PATTERN,  # after lora_shared_input: also takes its one GEMM over the A matrices
     lora_expand.PATTERN,
+    swiglu_lora_shrink.PATTERN,  # reads the swiglu and lora_shrink ops
     decode_linear.PATTERN,  # decode steps only (no gradient, <= 16 rows): after the fusions that read linears
     decode_residual.PATTERN,  # reads decode_linear's o and down calls and parallel_residual
 )}

@@ -6,6 +6,7 @@ Every argument of the search function is a pattern input: tensors bind to graph 
 ``literals`` (an epsilon, a dtype) bind to the constant the model graph holds there, so the value is read from
 the graph and never assumed. Every other constant in the search function must match exactly.
 """
+import operator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Hashable, Optional, Union
@@ -49,6 +50,13 @@ class Match:
     def call(self, op, *args) -> torch.fx.Node:
         """A node calling ``op`` at the insert point, named after the pattern (what printed graphs show)."""
         return self.graph.create_node("call_function", op, args, name=self.pattern.name)
+
+    def split(self, fused: torch.fx.Node, parts: tuple[str, ...]) -> tuple[torch.fx.Node, ...]:
+        """getitem nodes of an op with several outputs, one per matched output in order (named after the op and
+        ``parts``), so each takes one matched output's place."""
+        fused.meta["example_value"] = tuple(fake_value(out) for out in self.outputs)
+        return tuple(self.graph.create_node("call_function", operator.getitem, (fused, i), name=f"{fused.name}_{part}")
+                     for i, part in enumerate(parts))
 
     def val(self, name: str):
         """Fake tensor of a bound input (shape, dtype, device as Dynamo traced them)."""

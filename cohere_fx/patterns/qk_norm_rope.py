@@ -34,7 +34,7 @@ def check(match: Match):
 def replace(match: Match):
     fused = match.call(torch.ops.cohere_fx.qk_norm_rope.default, match["q"], match["k"], match["cos"], match["sin"],
                        match["q_weight"], match["k_weight"], float(match["eps"]))
-    return rope.split_pair(match, fused)
+    return match.split(fused, ("q", "k"))
 
 
 PATTERN = Pattern("qk_norm_rope", search, replace, check, literals=("eps", "norm_dtype", "out_dtype"))

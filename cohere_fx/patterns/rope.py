@@ -4,11 +4,9 @@ Command R (no QK-norm) and Cohere2's sliding layers; Cohere2's global layers app
 matches. The search functions are modeling_cohere.py's ``rotate_half`` / ``apply_rotary_pos_emb`` line for line;
 a half-split (Llama/NeoX) rotation has different slices and concatenation and does not match.
 """
-import operator
-
 import torch
 
-from cohere_fx.patterns.base import Match, Pattern, fake_value, known_equal
+from cohere_fx.patterns.base import Match, Pattern, known_equal
 
 
 def rotate_half(x):
@@ -47,14 +45,7 @@ def check_rope_inputs(match: Match):
 
 def replace(match: Match):
     fused = match.call(torch.ops.cohere_fx.rope.default, match["q"], match["k"], match["cos"], match["sin"])
-    return split_pair(match, fused)
-
-
-def split_pair(match: Match, fused):
-    """(q_out, k_out) getitem nodes of a two-output op, so each takes one matched output's place."""
-    fused.meta["example_value"] = tuple(fake_value(out) for out in match.outputs)
-    return tuple(match.graph.create_node("call_function", operator.getitem, (fused, i), name=f"{fused.name}_{part}")
-                 for i, part in enumerate(("q", "k")))
+    return match.split(fused, ("q", "k"))
 
 
 PATTERN = Pattern("rope", search, replace, check_rope_inputs, literals=("out_dtype",))
