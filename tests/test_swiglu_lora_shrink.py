@@ -35,10 +35,13 @@ def assert_equals_unfused(m, n, r, dtype=torch.bfloat16, device=DEVICE):
     want_dgate, want_dup, want_da = unfused_backward(*inputs)
     for got, want in ((dgate, want_dgate), (dup, want_dup)):
         assert got.dtype == dtype and got.shape == want.shape
-        assert (got == want).float().mean().item() > 0.999  # the same roundings; dh @ A's fp32 sums may differ
+        same = (got == want).float().mean().item()
+        assert same > 0.999, same  # the same roundings; dh @ A's fp32 sums may differ
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7 * want.abs().max().item())
     act = swiglu_fwd(inputs[2], inputs[3]).double()  # the forward's act, rounded as it was
-    assert da.dtype == torch.float32 and rel_err(da, want_da) < 1e-6 and rel_err(da, inputs[1].double().t() @ act) < 1e-6
+    tolerance = 1e-6 if m <= 1024 else 1e-5  # fp32 sums over the tokens, in another order than the unfused kernel's
+    errors = rel_err(da, want_da), rel_err(da, inputs[1].double().t() @ act)
+    assert da.dtype == torch.float32 and max(errors) < tolerance, errors
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -90,7 +90,10 @@ MAX_ROWS = 16  # rows of x: one MMA tile (decode batches up to 16)
 # batch 1 and 16 alike. UPCAST: the dot on fp32 copies of the tiles at tf32, else in the inputs' dtype (faster in
 # every group of that sweep); forced on for fp32 inputs and under the interpreter. The 256 000-row head keeps the
 # config of the 2026-11-25 sweep (3.06 TB/s, cuBLAS 2.88; benchmarks/results/decode_linear-sweep-20261125T175814.json).
-GROUPED_CONFIG = (16, 256, 4, 2, False)
+# The grouped launch's config is the best of benchmarks/sweep_decode_step.py instead (Command-R7B B16 decode steps
+# with every other kernel around it: 6.655 ms a step against 6.715 / 6.720 for the alone-best (16, 256, 4, 2) that
+# ran first and last; benchmarks/results/decode_step-sweep-20261206T172516.json).
+GROUPED_CONFIG = (32, 512, 4, 3, False)
 SINGLE_CONFIG = (32, 256, 4, 4, False)
 HEAD_CONFIG = (32, 256, 4, 2, True)
 HEAD_MIN_ROWS = 65536
