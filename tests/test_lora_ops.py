@@ -152,10 +152,10 @@ def test_opcheck_and_refusals():
         ops.lora_expand(base, h, b.t().contiguous(), 2.0, False)
 
 
-def lora_model(dtype=torch.bfloat16, dropout=0.0, layers=2, rank=4):
+def lora_model(dtype=torch.bfloat16, dropout=0.0, layers=2, rank=4, targets=TARGETS):
     torch.manual_seed(0)
     model = CohereForCausalLM(tiny_cohere_config(layers=layers)).to(dtype)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=TARGETS,
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, target_modules=targets,
                         init_lora_weights=False)
     return get_peft_model(model, config).train()
 

@@ -93,3 +93,14 @@ def test_left_alone_without_a_lora_shrink_or_above_its_rank():
     assert wide.matches["swiglu_lora_shrink"] == 0
     assert all("rank 40 is above" in reason for reason in wide.near_misses["swiglu_lora_shrink"])
     assert len(wide.near_misses["swiglu_lora_shrink"]) == 2
+
+
+def test_left_alone_where_the_mlp_input_needs_no_gradient():
+    """LoRA on down_proj alone: layer 0's gate and up come from frozen projections of the frozen embedding's norm,
+    so only A needs a gradient there and the match is refused (the fused op would make the base projection compute
+    act's); layer 1 reads layer 0's LoRA output and matches."""
+    model, ids = lora_model(targets=["down_proj"]), torch.randint(3, 128, (2, 8))
+    report = cohere_fx.explain(model, ids, labels=ids)
+    assert report.matches["swiglu_lora_shrink"] == 1
+    (miss,) = report.near_misses["swiglu_lora_shrink"]
+    assert "need no gradient" in miss
