@@ -105,6 +105,17 @@ def test_report_newest_wins_and_errors(tmp_path):
     old = report.render_record(record("2026-01-01T00:00:00+00:00", 0, error="boom | x\ny"))
     assert "error: boom \\| x y" in old
 
+    # a run with a setting, or of a modified tree, is a section of its own beside the newest plain one
+    knob = record("2026-03-01T00:00:00+00:00", 40.0)
+    knob["env"]["knobs"] = {"COHERE_FX_PDL": "1"}
+    tree = record("2026-04-01T00:00:00+00:00", 45.0)
+    tree["env"]["git"] = "abc1234+grouped"
+    (tmp_path / "c.json").write_text(json.dumps(knob))
+    (tmp_path / "d.json").write_text(json.dumps(tree))
+    text = report.render_benchmarks(tmp_path, tmp_path / "BENCHMARKS.md")
+    assert text.count("### prefill") == 3
+    assert all(f"| cohere_fx | {ms} |" in text for ms in (50, 40, 45))
+
 
 def test_decode_speedup_is_tok_s_ratio():
     case = {"metric": "tok_s", "results": {"eager": {"tok_s": 50.0}, "cohere_fx": {"tok_s": 150.0}}}

@@ -50,7 +50,7 @@ it started (1 and 3 are the defaults since 63ca2de); ` · COHERE_FX_…=…` aft
 8cdf720 without `COHERE_FX_PDL=0` ran with programmatic dependent launch, on by default in that tree only;
 `af4f4b7+grouped-16-256-4-2` names tree af4f4b7 with decode_linear's GROUPED_CONFIG set back to (16, 256, 4, 2, False) in
 the device's copy, run right after af4f4b7 itself on the same machine: the A/B of the config). One
-section per workload, device and set of systems, from its newest record; the systems of a section ran in the same
+section per workload, device, set of systems and variant (the settings and tree suffix above), from its newest record; the systems of a section ran in the same
 process on the same device, one after the other, or with their steps alternated where the command has `--interleave`
 (the step time drifts within a run: README's benchmark section says why); `*limit*` is the time (or rate) the work takes at the
 device's FLOP/s or bandwidth limit. `× inductor` / `× eager` = speed-up over that system in the same run
@@ -208,13 +208,22 @@ def load_records(results_dir, include_smoke=False) -> list:
     return records
 
 
+def _variant(record) -> str:
+    """What a run changed beside the committed code: its COHERE_FX_* settings and the suffix after ``+`` of its
+    tree's name (``43a6f6b+paged1x3``: constants set in the device's copy)."""
+    env = record["env"]
+    suffix = (env.get("git") or "").partition("+")[2]
+    return json.dumps([env.get("knobs") or {}, suffix], sort_keys=True)
+
+
 def render_benchmarks(results_dir, output, include_smoke=False) -> str:
-    """BENCHMARKS.md: the newest record per workload, device, systems compared and backend options (a rerun of
-    one system alone does not hide the full comparison)."""
+    """BENCHMARKS.md: the newest record per workload, device, systems compared, backend options and variant (a rerun
+    of one system alone does not hide the full comparison, nor the run of a setting or a modified tree the run
+    beside it)."""
     newest = {}
     for record in load_records(results_dir, include_smoke):
         key = (title(record), record["env"]["device_name"], tuple(record.get("systems", ())),
-               json.dumps(record.get("backend_options"), sort_keys=True))
+               json.dumps(record.get("backend_options"), sort_keys=True), _variant(record))
         if key not in newest or record["env"]["date"] > newest[key]["env"]["date"]:
             newest[key] = record
     rank = {w: i for i, w in enumerate(ORDER)}
