@@ -28,17 +28,32 @@ from cohere_fx.kernels.lora import (SPLIT_FP32_DOTS, _bf16_dot, _exact_dot, _fp3
 from cohere_fx.kernels.swiglu import silu, swiglu_grads
 
 MAX_RANK = 32  # the padded rank one program holds beside its [BLOCK_M, BLOCK_N] tiles (A's parts: [RANK, BLOCK_N])
-# (BLOCK_M, BLOCK_N, warps, stages), the best of its H100 sweep over the tiles that compile for sm_90 without
-# spilling (benchmarks/results/sweep-swiglu_lora_shrink-h100-20261206T1724.txt): 378.8 us at r7b's down_proj
-# shapes (4096 tokens, 14336, rank 16) against 538.3 us for the unfused kernels; 160 registers
-CONFIG = (32, 32, 4, 2)
+# (BLOCK_M, BLOCK_N, warps, stages), the best of its H100 sweeps over the tiles that compile for sm_90 without
+# spilling: with act pinned (_pinned) 325.8 us at r7b's down_proj shapes (4096 tokens, 14336, rank 16) against
+# 377.5 us for the previous (32, 32, 4, 2) unpinned and 538.5 us for the unfused kernels, in one run
+# (benchmarks/results/sweep-swiglu_lora_shrink-h100-20261206T1858.txt); 168 registers
+CONFIG = (32, 64, 4, 2)
+
+
+@triton.jit
+def _pinned(x):
+    """x, through an identity Triton cannot move or duplicate (inline PTX marked impure).
+
+    Why: act is computed in the layout of the tile's loads and stores, and is the B operand of A's gradient dot.
+    Triton's dot-operand optimisation hoists the conversion into the operand layout above act's elementwise producers, up to the loads:
+    gate and up then each pass through shared memory and the SwiGLU chain (two exps, two IEEE divisions) is
+    computed a second time in the operand layout. Pinned, act is converted once. At r7b's shapes on an H100 that,
+    with the wider tile it frees registers for, took the kernel from 377.5 to 325.8 us
+    (benchmarks/results/sweep-swiglu_lora_shrink-h100-20261206T1858.txt)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _swiglu_lora_shrink_bwd_kernel(DACT, DH, GATE, UP, A, DGATE, DUP, DA_PART, M, N, R, rows, stride_dhm,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK: tl.constexpr,
                                    DX_PRECISION: tl.constexpr, SPLIT: tl.constexpr, DX_BF16: tl.constexpr,
-                                   DA_PRECISION: tl.constexpr, DA_BF16: tl.constexpr, STAGES: tl.constexpr):
+                                   DA_PRECISION: tl.constexpr, DA_BF16: tl.constexpr, STAGES: tl.constexpr,
+                                   PIN_ACT: tl.constexpr):
     """Program (j, p): columns j*BLOCK_N.. of the [M, N] tensors, rows of partition p. dgate, dup: SwiGLU's backward
     of round(dact + round(dh @ A)); DA_PART[p] = dh[rows].T @ act[rows] ([R, N], summed over p afterwards)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,7 +84,10 @@ def _swiglu_lora_shrink_bwd_kernel(DACT, DH, GATE, UP, A, DGATE, DUP, DA_PART, M
         dgate, dup = swiglu_grads(dact, g, u)
         tl.store(DGATE + offs, dgate.to(dtype), mask=mask)
         tl.store(DUP + offs, dup.to(dtype), mask=mask)
-        act = (silu(g) * u).to(dtype)
+        act = silu(g) * u
+        if PIN_ACT:
+            act = _pinned(act)
+        act = act.to(dtype)
         da = _exact_dot(tl.trans(dh), act if DA_BF16 else act.to(tl.float32), da, False, DA_PRECISION, DA_BF16)
     tl.store(DA_PART + (p * R + rr[:, None]) * N + rn[None, :], da, mask=(rr[:, None] < R) & (rn[None, :] < N))
 
@@ -92,5 +110,5 @@ def swiglu_lora_shrink_bwd(dact: torch.Tensor, dh: torch.Tensor, gate: torch.Ten
             dact, dh, gate, up, a, dgate, dup, partial, m, n, r, rows, dh.stride(0), BLOCK_M=block_m,
             BLOCK_N=block_n, RANK=rank, DX_PRECISION=_fp32_dot_precision(gate), SPLIT=SPLIT_FP32_DOTS,
             DX_BF16=gate.is_cuda, DA_PRECISION=_precision(gate), DA_BF16=_bf16_dot(gate), STAGES=stages,
-            num_warps=warps)
+            PIN_ACT=gate.is_cuda, num_warps=warps)  # the interpreter runs no inline PTX
     return dgate, dup, partial.sum(0) if parts > 1 else partial[0]
