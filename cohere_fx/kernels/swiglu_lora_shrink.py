@@ -31,7 +31,8 @@ MAX_RANK = 32  # the padded rank one program holds beside its [BLOCK_M, BLOCK_N]
 # (BLOCK_M, BLOCK_N, warps, stages), the best of its H100 sweeps over the tiles that compile for sm_90 without
 # spilling: with act pinned (_pinned) 325.8 us at r7b's down_proj shapes (4096 tokens, 14336, rank 16) against
 # 377.5 us for the previous (32, 32, 4, 2) unpinned and 538.5 us for the unfused kernels, in one run
-# (benchmarks/results/sweep-swiglu_lora_shrink-h100-20261206T1858.txt); 168 registers
+# (benchmarks/results/sweep-swiglu_lora_shrink-h100-20261206T1858.txt); unpinned, this tile took 458.7 us
+# (…T1724.txt)
 CONFIG = (32, 64, 4, 2)
 
 
@@ -40,13 +41,10 @@ def _pinned(x):
     """x, through an identity Triton cannot move or duplicate (inline PTX marked impure).
 
     Why: act is computed in the layout of the tile's loads and stores, and is the B operand of A's gradient dot.
-    Triton's dot-operand optimisation hoists the conversion into the operand layout above act's elementwise producers, up to the loads:
-    gate and up then each pass through shared memory and the SwiGLU chain (two exps, two IEEE divisions) is
-    computed a second time in the operand layout. Pinned, act is converted once and the exps are halved (sm_90, tile
-    (32, 64, 4, 2): 16 ex2 instead of 32, 168 registers instead of 190). At r7b's shapes on an H100 the kernel took
-    325.8 us at that tile against 377.5 us at the previous (32, 32, 4, 2) unpinned
-    (benchmarks/results/sweep-swiglu_lora_shrink-h100-20261206T1858.txt); unpinned, (32, 64, 4, 2) had taken
-    458.7 us (…T1724.txt)."""
+    Triton's dot-operand optimisation hoists the conversion into the operand layout above act's elementwise
+    producers, up to the loads: gate and up then each pass through shared memory, and the SwiGLU chain (two exps,
+    two IEEE divisions) is computed a second time in the operand layout. Pinned, act is converted once (sm_90 at
+    CONFIG: 16 ex2 instead of 32, 168 registers instead of 190; CONFIG's comment has the timings)."""
     return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
 
 
